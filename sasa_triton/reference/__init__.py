@@ -1,0 +1,4 @@
+"""PyTorch reference implementations: the CPU path and the oracle of every test."""
+from .local_attention import local_attention2d
+
+__all__ = ["local_attention2d"]

@@ -1,0 +1,46 @@
+"""Kernel launch configurations: defaults per window size, and the lookup the launchers use.
+
+A config is a dict with the tile shape (BLOCK_H x BLOCK_W query pixels for the forward and dq
+kernels, key pixels for the dk/dv kernel), num_warps and num_stages. Tile widths are powers of
+two; the haloed key row is padded to the next power of two of BLOCK_W + 2 * radius, so the
+defaults pick BLOCK_W to keep that padding small for each window size.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._utils import interpreter_enabled
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def halo_width(block_w: int, kernel_size: int, dilation: int) -> int:
+    """Power-of-two width of the haloed key (or query) row for a tile of width block_w."""
+    return max(16, next_power_of_2(block_w + 2 * dilation * (kernel_size // 2)))
+
+
+def default_config(kernel: str, kernel_size: int, dilation: int, head_dim: int, dtype: torch.dtype) -> dict:
+    """Default tile for `kernel` in {"local_fwd", "local_bwd_dq", "local_bwd_dkdv"}.
+
+    Chosen so the haloed row BLOCK_W + 2r wastes little of its power-of-two padding and the
+    fp32 accumulators stay in registers at D <= 64 (checked by tests/test_compile_sm90.py).
+    """
+    radius = dilation * (kernel_size // 2)
+    # BLOCK_W = 8 keeps the haloed row within 16 columns up to r = 4 (k = 9 at dilation 1);
+    # wider windows pad to 32 anyway, so use 16 query columns to fill it.
+    block_w = 8 if 8 + 2 * radius <= 16 else 16
+    block_h = 8 if block_w == 8 else 4
+    if head_dim > 64 and kernel != "local_fwd":
+        block_h = max(2, block_h // 2)  # the backward keeps two D-wide fp32 accumulators
+    if interpreter_enabled():
+        # The interpreter runs each program in numpy: smaller tiles mean less padding work.
+        block_h, block_w = 4, 4 if 4 + 2 * radius <= 16 else 8
+    return {"BLOCK_H": block_h, "BLOCK_W": block_w, "num_warps": 4, "num_stages": 1}
+
+
+def get_config(kernel: str, kernel_size: int, dilation: int, head_dim: int, dtype: torch.dtype,
+               height: int, width: int) -> dict:
+    """The config a launcher uses: a tuned one when the autotune cache has it, else the default."""
+    return default_config(kernel, kernel_size, dilation, head_dim, dtype)
