@@ -1,8 +1,9 @@
 """sasa-triton: Stand-Alone Self-Attention in Vision Models (Ramachandran et al., NeurIPS 2019)
 as fused Triton kernels for PyTorch."""
 from . import reference
+from .modules import SelfAttention2d
 from .ops.local_attention import local_attention2d
 
 __version__ = "0.1.0"
 
-__all__ = ["local_attention2d", "reference", "__version__"]
+__all__ = ["local_attention2d", "SelfAttention2d", "reference", "__version__"]

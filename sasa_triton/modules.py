@@ -1,0 +1,98 @@
+"""Thin nn.Module wrappers around the fused ops (drop-in replacements for nn.Conv2d)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ._utils import check_choice, check_kernel_size, check_positive_int, BACKENDS, PADDINGS
+from .ops.local_attention import local_attention2d
+
+
+def _check_channels(in_channels, out_channels, heads):
+    check_positive_int(in_channels, "in_channels")
+    check_positive_int(out_channels, "out_channels")
+    check_positive_int(heads, "heads")
+    if out_channels % heads != 0:
+        raise ValueError(f"heads ({heads}) must divide out_channels ({out_channels})")
+
+
+def check_image_input(x, in_channels: int, name: str = "x") -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{name} must have shape (B, C, H, W), got shape {tuple(x.shape)}")
+    if x.shape[1] != in_channels:
+        raise ValueError(f"{name} has {x.shape[1]} channels but the layer expects in_channels={in_channels}")
+
+
+class SelfAttention2d(nn.Module):
+    """Stand-alone self-attention layer (SPEC section 1), a drop-in for a k x k nn.Conv2d.
+
+    Dense bias-free 1x1 projections to q, k, v (one fused 3 * out_channels conv), local attention
+    over a kernel_size x kernel_size window with learned relative row/column embeddings, then a
+    stride x stride average pool when stride > 1 (the paper's stride-2 recipe).
+
+    Args:
+        in_channels, out_channels: channels of x and of the output.
+        kernel_size: odd window size (paper: 7). stride: spatial downsampling by average pool.
+        heads: attention heads; D = out_channels // heads (paper: 8 heads).
+        dilation: step between window taps. padding: "zeros" or "mask" (see local_attention2d).
+        scale: logit scale; None means the paper's formula (1.0, no 1/sqrt(D)).
+        rel_per_head: one set of relative embeddings per head instead of one shared set.
+        backend: "auto", "triton" or "reference" (see local_attention2d).
+
+    Shapes: x (B, in_channels, H, W) -> (B, out_channels, H // stride, W // stride). The output
+    is a channels_last tensor; channels_last input keeps the q/k/v views free of copies.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 7, stride: int = 1,
+                 heads: int = 8, dilation: int = 1, padding: str = "zeros", scale: float | None = None,
+                 rel_per_head: bool = False, backend: str = "auto"):
+        super().__init__()
+        _check_channels(in_channels, out_channels, heads)
+        check_kernel_size(kernel_size)
+        check_positive_int(stride, "stride")
+        check_positive_int(dilation, "dilation")
+        check_choice(padding, "padding", PADDINGS)
+        check_choice(backend, "backend", BACKENDS)
+        if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
+            raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride, self.heads, self.dilation = kernel_size, stride, heads, dilation
+        self.padding, self.backend, self.rel_per_head = padding, backend, rel_per_head
+        self.scale = 1.0 if scale is None else float(scale)
+        head_dim = out_channels // heads
+        if head_dim < 2:
+            raise ValueError(f"out_channels // heads must be >= 2 for the row/column embeddings, got {head_dim}")
+        self.head_dim = head_dim
+        self.qkv = nn.Conv2d(in_channels, 3 * out_channels, kernel_size=1, bias=False)
+        lead = (heads,) if rel_per_head else ()
+        self.rel_rows = nn.Parameter(torch.empty(*lead, kernel_size, head_dim // 2))
+        self.rel_cols = nn.Parameter(torch.empty(*lead, kernel_size, head_dim - head_dim // 2))
+        self.pool = nn.AvgPool2d(stride, stride) if stride > 1 else nn.Identity()
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        self.qkv.reset_parameters()
+        # The paper's embeddings: normal with std D**-0.5 (as transformer embeddings).
+        nn.init.normal_(self.rel_rows, std=self.head_dim ** -0.5)
+        nn.init.normal_(self.rel_cols, std=self.head_dim ** -0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_image_input(x, self.in_channels)
+        qkv = self.qkv(x)
+        B, _, H, W = qkv.shape
+        # (B, 3C, H, W) -> (B, H, W, 3, heads, D): a view; free of copies for channels_last x,
+        # strided (the kernels take strides) for NCHW x.
+        qkv = qkv.permute(0, 2, 3, 1).unflatten(-1, (3, self.heads, self.head_dim))
+        q, k, v = qkv.unbind(dim=3)
+        y = local_attention2d(q, k, v, self.rel_rows, self.rel_cols, kernel_size=self.kernel_size,
+                              dilation=self.dilation, scale=self.scale, padding=self.padding,
+                              backend=self.backend)
+        y = y.reshape(B, H, W, self.out_channels).permute(0, 3, 1, 2)  # channels_last NCHW view
+        return self.pool(y)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"heads={self.heads}, dilation={self.dilation}, padding={self.padding!r}, scale={self.scale}, "
+                f"rel_per_head={self.rel_per_head}, backend={self.backend!r}")
