@@ -393,36 +393,69 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
-def _rel_views(rel_rows, rel_cols, q):
-    """Per-head strided views of the tables (stride 0 over heads when shared); a dummy when None."""
+def _rel_args(rel_rows, rel_cols, q):
+    """Tables and their (head, tap, channel) strides; stride 0 over heads when shared."""
     if rel_rows is None:
-        dummy = q.new_zeros(1)
-        return dummy, dummy, (0, 0, 0), (0, 0, 0)
+        dummy = q.new_empty(1)
+        return (dummy, dummy), (0, 0, 0, 0, 0, 0)
 
     def strides(rel):
-        if rel.dim() == 2:
-            return (0, rel.stride(0), rel.stride(1))
-        return tuple(rel.stride())
-    return rel_rows, rel_cols, strides(rel_rows), strides(rel_cols)
+        return (0, *rel.stride()) if rel.dim() == 2 else tuple(rel.stride())
+    return (rel_rows, rel_cols), strides(rel_rows) + strides(rel_cols)
 
 
-def _common_meta(q, kernel_size, dilation, padding, has_rel, config, halo_name):
-    D = q.shape[-1]
+def _meta(q, kernel_size, dilation, padding, has_rel, config, halo_name):
+    head_dim = q.shape[-1]
     return dict(
-        D=D, D_ROWS=D // 2, KSIZE=kernel_size, DILATION=dilation, HAS_REL=int(has_rel),
+        D=head_dim, D_ROWS=head_dim // 2, KSIZE=kernel_size, DILATION=dilation, HAS_REL=int(has_rel),
         MASK_PADDING=int(padding == "mask"), DOT_PRECISION=_dot_precision(q.dtype),
         BLOCK_H=config["BLOCK_H"], BLOCK_W=config["BLOCK_W"],
         KPAD=max(16, tuning.next_power_of_2(kernel_size)),
-        BLOCK_D=max(16, tuning.next_power_of_2(D)),
+        BLOCK_D=max(16, tuning.next_power_of_2(head_dim)),
         num_warps=config["num_warps"], num_stages=config["num_stages"],
         **{halo_name: tuning.halo_width(config["BLOCK_W"], kernel_size, dilation)},
     )
 
 
-def _grid(B, H, W, heads, config):
+def _tiles(q, config):
+    B, H, W, heads, _ = q.shape
     n_tiles_w = triton.cdiv(W, config["BLOCK_W"])
     n_tiles = triton.cdiv(H, config["BLOCK_H"]) * n_tiles_w
-    return n_tiles_w, n_tiles, (B * heads * n_tiles,)
+    return (H, W, heads, n_tiles_w, n_tiles), (B * heads * n_tiles,)
+
+
+# Each *_launch returns (grid, positional args, meta-parameters) for one kernel; the launchers
+# and static_specs (compilation for a GPU that is not present) share them.
+
+def _fwd_launch(q, k, v, rel_rows, rel_cols, y, lse, kernel_size, dilation, scale, padding, config):
+    rel, rel_strides = _rel_args(rel_rows, rel_cols, q)
+    sizes, grid = _tiles(q, config)
+    args = (q, k, v, *rel, y, lse, *q.stride(), *k.stride(), *v.stride(), *y.stride(), *rel_strides,
+            *sizes, scale * LOG2E)
+    return grid, args, _meta(q, kernel_size, dilation, padding, rel_rows is not None, config, "KEY_W")
+
+
+def _dq_launch(q, k, v, rel_rows, rel_cols, y, dy, lse, delta, dq, drel, kernel_size, dilation, scale,
+               padding, config):
+    rel, rel_strides = _rel_args(rel_rows, rel_cols, q)
+    sizes, grid = _tiles(q, config)
+    args = (q, k, v, *rel, y, dy, lse, delta, dq, drel, *q.stride(), *k.stride(), *v.stride(), *y.stride(),
+            *dy.stride(), *dq.stride(), *rel_strides, *sizes, scale)
+    return grid, args, _meta(q, kernel_size, dilation, padding, rel_rows is not None, config, "KEY_W")
+
+
+def _dkdv_launch(q, k, v, rel_rows, rel_cols, dy, lse, delta, dk, dv, kernel_size, dilation, scale, padding,
+                 config):
+    rel, rel_strides = _rel_args(rel_rows, rel_cols, q)
+    sizes, grid = _tiles(q, config)
+    args = (q, k, v, *rel, dy, lse, delta, dk, dv, *q.stride(), *k.stride(), *v.stride(), *dy.stride(),
+            *dk.stride(), *dv.stride(), *rel_strides, *sizes, scale)
+    return grid, args, _meta(q, kernel_size, dilation, padding, rel_rows is not None, config, "QUERY_W")
+
+
+def _config(kernel, q, kernel_size, dilation):
+    B, H, W, heads, D = q.shape
+    return tuning.get_config(kernel, kernel_size, dilation, D, q.dtype, H, W)
 
 
 def _fwd(q, k, v, rel_rows, rel_cols, kernel_size, dilation, scale, padding, y=None, lse=None, config=None):
@@ -437,16 +470,18 @@ def _fwd(q, k, v, rel_rows, rel_cols, kernel_size, dilation, scale, padding, y=N
         lse = torch.empty((B, heads, H, W), device=q.device, dtype=torch.float32)
     if y.numel() == 0:
         return y, lse
-    config = config or tuning.get_config("local_fwd", kernel_size, dilation, D, q.dtype, H, W)
-    rel_rows_t, rel_cols_t, rr_strides, rc_strides = _rel_views(rel_rows, rel_cols, q)
-    n_tiles_w, n_tiles, grid = _grid(B, H, W, heads, config)
-    _local_attn_fwd_kernel[grid](
-        q, k, v, rel_rows_t, rel_cols_t, y, lse,
-        *q.stride(), *k.stride(), *v.stride(), *y.stride(), *rr_strides, *rc_strides,
-        H, W, heads, n_tiles_w, n_tiles, scale * LOG2E,
-        **_common_meta(q, kernel_size, dilation, padding, rel_rows is not None, config, "KEY_W"),
-    )
+    config = config or _config("local_fwd", q, kernel_size, dilation)
+    grid, args, meta = _fwd_launch(q, k, v, rel_rows, rel_cols, y, lse, kernel_size, dilation, scale, padding,
+                                   config)
+    _local_attn_fwd_kernel[grid](*args, **meta)
     return y, lse
+
+
+def _drel_buffer(q, kernel_size, has_rel, config):
+    """Per-program partial gradients of the relative tables, (programs, k, D) fp32."""
+    n_programs = _tiles(q, config)[1][0]
+    shape = (n_programs, kernel_size, q.shape[-1]) if has_rel else (1,)
+    return torch.empty(shape, device=q.device, dtype=torch.float32)
 
 
 def _bwd(q, k, v, rel_rows, rel_cols, y, lse, dy, kernel_size, dilation, scale, padding,
@@ -463,31 +498,19 @@ def _bwd(q, k, v, rel_rows, rel_cols, y, lse, dy, kernel_size, dilation, scale, 
     if q.numel() == 0:
         zero = lambda t: None if t is None else torch.zeros_like(t)
         return dq, dk, dv, zero(rel_rows), zero(rel_cols)
-    config_dq = config_dq or tuning.get_config("local_bwd_dq", kernel_size, dilation, D, q.dtype, H, W)
-    config_dkdv = config_dkdv or tuning.get_config("local_bwd_dkdv", kernel_size, dilation, D, q.dtype, H, W)
-    rel_rows_t, rel_cols_t, rr_strides, rc_strides = _rel_views(rel_rows, rel_cols, q)
+    config_dq = config_dq or _config("local_bwd_dq", q, kernel_size, dilation)
+    config_dkdv = config_dkdv or _config("local_bwd_dkdv", q, kernel_size, dilation)
     delta = torch.empty_like(lse)
-
-    n_tiles_w, n_tiles, grid = _grid(B, H, W, heads, config_dq)
-    drel = torch.empty((grid[0], kernel_size, D) if has_rel else (1,), device=q.device, dtype=torch.float32)
-    _local_attn_bwd_dq_kernel[grid](
-        q, k, v, rel_rows_t, rel_cols_t, y, dy, lse, delta, dq, drel,
-        *q.stride(), *k.stride(), *v.stride(), *y.stride(), *dy.stride(), *dq.stride(),
-        *rr_strides, *rc_strides,
-        H, W, heads, n_tiles_w, n_tiles, scale,
-        **_common_meta(q, kernel_size, dilation, padding, has_rel, config_dq, "KEY_W"),
-    )
-    n_tiles_w, n_tiles, grid = _grid(B, H, W, heads, config_dkdv)
-    _local_attn_bwd_dkdv_kernel[grid](
-        q, k, v, rel_rows_t, rel_cols_t, dy, lse, delta, dk, dv,
-        *q.stride(), *k.stride(), *v.stride(), *dy.stride(), *dk.stride(), *dv.stride(),
-        *rr_strides, *rc_strides,
-        H, W, heads, n_tiles_w, n_tiles, scale,
-        **_common_meta(q, kernel_size, dilation, padding, has_rel, config_dkdv, "QUERY_W"),
-    )
+    drel = _drel_buffer(q, kernel_size, has_rel, config_dq)
+    grid, args, meta = _dq_launch(q, k, v, rel_rows, rel_cols, y, dy, lse, delta, dq, drel, kernel_size,
+                                  dilation, scale, padding, config_dq)
+    _local_attn_bwd_dq_kernel[grid](*args, **meta)
+    grid, args, meta = _dkdv_launch(q, k, v, rel_rows, rel_cols, dy, lse, delta, dk, dv, kernel_size, dilation,
+                                    scale, padding, config_dkdv)
+    _local_attn_bwd_dkdv_kernel[grid](*args, **meta)
     drel_rows = drel_cols = None
     if has_rel:
-        # (B, heads, tiles, k, D) -> (heads, k, D): deterministic sum over batch and tiles.
+        # (B, heads, tiles, k, D) -> (heads, k, D): a deterministic sum over batch and tiles.
         per_head = drel.view(B, heads, -1, kernel_size, D).sum(dim=(0, 2))
         d_rows = D // 2
         drel_rows, drel_cols = per_head[..., :d_rows], per_head[..., d_rows:]
@@ -498,6 +521,41 @@ def _bwd(q, k, v, rel_rows, rel_cols, y, lse, dy, kernel_size, dilation, scale, 
         drel_rows = drel_rows.to(rel_rows.dtype)
         drel_cols = drel_cols.to(rel_cols.dtype)
     return dq, dk, dv, drel_rows, drel_cols
+
+
+def static_specs(shape=(32, 56, 56, 8, 64), dtype=torch.bfloat16, kernel_size=7, dilation=1, padding="zeros",
+                 has_rel=True, configs=None):
+    """KernelSpecs of the forward, dq and dk/dv kernels exactly as a launch on contiguous tensors of
+    `shape` (B, H, W, heads, D) would compile them (meta tensors: nothing is allocated or run).
+
+    configs: optional {"local_fwd": cfg, "local_bwd_dq": cfg, "local_bwd_dkdv": cfg} overrides.
+    """
+    from .._compile import spec_from_launch
+
+    configs = configs or {}
+    q = torch.empty(shape, dtype=dtype, device="meta")
+    k, v, y, dy, dq, dk, dv = (torch.empty_like(q) for _ in range(7))
+    B, H, W, heads, D = shape
+    rel_rows = torch.empty(kernel_size, D // 2, device="meta") if has_rel else None
+    rel_cols = torch.empty(kernel_size, D - D // 2, device="meta") if has_rel else None
+    lse = torch.empty((B, heads, H, W), device="meta")
+    delta = torch.empty_like(lse)
+
+    def config(name):
+        return configs.get(name) or _config(name, q, kernel_size, dilation)
+
+    common = dict(kernel_size=kernel_size, dilation=dilation, scale=1.0, padding=padding)
+    fwd = _fwd_launch(q, k, v, rel_rows, rel_cols, y, lse, config=config("local_fwd"), **common)
+    drel = _drel_buffer(q, kernel_size, has_rel, config("local_bwd_dq"))
+    dq_launch = _dq_launch(q, k, v, rel_rows, rel_cols, y, dy, lse, delta, dq, drel,
+                           config=config("local_bwd_dq"), **common)
+    dkdv = _dkdv_launch(q, k, v, rel_rows, rel_cols, dy, lse, delta, dk, dv, config=config("local_bwd_dkdv"),
+                        **common)
+    return [
+        spec_from_launch("local_fwd", _local_attn_fwd_kernel, *fwd[1:]),
+        spec_from_launch("local_bwd_dq", _local_attn_bwd_dq_kernel, *dq_launch[1:]),
+        spec_from_launch("local_bwd_dkdv", _local_attn_bwd_dkdv_kernel, *dkdv[1:]),
+    ]
 
 
 class LocalAttention2dFunction(torch.autograd.Function):
