@@ -37,10 +37,15 @@ def default_config(kernel: str, kernel_size: int, dilation: int, head_dim: int, 
     if interpreter_enabled():
         # The interpreter runs each program in numpy: smaller tiles mean less padding work.
         block_h, block_w = 4, 4 if 4 + 2 * radius <= 16 else 8
-    return {"BLOCK_H": block_h, "BLOCK_W": block_w, "num_warps": 4, "num_stages": 1}
+    # fp32 runs its dots on the FMA units (ieee): twice the warps keep its tiles in registers.
+    num_warps = 8 if dtype == torch.float32 or head_dim > 64 else 4
+    return {"BLOCK_H": block_h, "BLOCK_W": block_w, "num_warps": num_warps, "num_stages": 1}
 
 
 def get_config(kernel: str, kernel_size: int, dilation: int, head_dim: int, dtype: torch.dtype,
-               height: int, width: int) -> dict:
-    """The config a launcher uses: a tuned one when the autotune cache has it, else the default."""
+               height: int, width: int, run=None) -> dict:
+    """The config a launcher uses: a tuned one when the autotune cache has it, else the default.
+
+    run(config), when given, launches the kernel once with `config` on the real arguments (for
+    timing candidates)."""
     return default_config(kernel, kernel_size, dilation, head_dim, dtype)

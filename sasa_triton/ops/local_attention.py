@@ -453,9 +453,11 @@ def _dkdv_launch(q, k, v, rel_rows, rel_cols, dy, lse, delta, dk, dv, kernel_siz
     return grid, args, _meta(q, kernel_size, dilation, padding, rel_rows is not None, config, "QUERY_W")
 
 
-def _config(kernel, q, kernel_size, dilation):
+def _config(kernel, q, kernel_size, dilation, run=None):
+    """The launch config for `kernel` on q's shape; `run(config)` launches the kernel once on the
+    real arguments, for the autotuner to time candidates with when nothing is cached."""
     B, H, W, heads, D = q.shape
-    return tuning.get_config(kernel, kernel_size, dilation, D, q.dtype, H, W)
+    return tuning.get_config(kernel, kernel_size, dilation, D, q.dtype, H, W, run=run)
 
 
 def _fwd(q, k, v, rel_rows, rel_cols, kernel_size, dilation, scale, padding, y=None, lse=None, config=None):
@@ -470,10 +472,13 @@ def _fwd(q, k, v, rel_rows, rel_cols, kernel_size, dilation, scale, padding, y=N
         lse = torch.empty((B, heads, H, W), device=q.device, dtype=torch.float32)
     if y.numel() == 0:
         return y, lse
-    config = config or _config("local_fwd", q, kernel_size, dilation)
-    grid, args, meta = _fwd_launch(q, k, v, rel_rows, rel_cols, y, lse, kernel_size, dilation, scale, padding,
-                                   config)
-    _local_attn_fwd_kernel[grid](*args, **meta)
+
+    def run(cfg):
+        grid, args, meta = _fwd_launch(q, k, v, rel_rows, rel_cols, y, lse, kernel_size, dilation, scale,
+                                       padding, cfg)
+        _local_attn_fwd_kernel[grid](*args, **meta)
+
+    run(config or _config("local_fwd", q, kernel_size, dilation, run))
     return y, lse
 
 
@@ -498,16 +503,22 @@ def _bwd(q, k, v, rel_rows, rel_cols, y, lse, dy, kernel_size, dilation, scale, 
     if q.numel() == 0:
         zero = lambda t: None if t is None else torch.zeros_like(t)
         return dq, dk, dv, zero(rel_rows), zero(rel_cols)
-    config_dq = config_dq or _config("local_bwd_dq", q, kernel_size, dilation)
-    config_dkdv = config_dkdv or _config("local_bwd_dkdv", q, kernel_size, dilation)
     delta = torch.empty_like(lse)
-    drel = _drel_buffer(q, kernel_size, has_rel, config_dq)
-    grid, args, meta = _dq_launch(q, k, v, rel_rows, rel_cols, y, dy, lse, delta, dq, drel, kernel_size,
-                                  dilation, scale, padding, config_dq)
-    _local_attn_bwd_dq_kernel[grid](*args, **meta)
-    grid, args, meta = _dkdv_launch(q, k, v, rel_rows, rel_cols, dy, lse, delta, dk, dv, kernel_size, dilation,
-                                    scale, padding, config_dkdv)
-    _local_attn_bwd_dkdv_kernel[grid](*args, **meta)
+
+    def run_dq(cfg):  # the partial-gradient buffer has one slice per program, so per config
+        drel = _drel_buffer(q, kernel_size, has_rel, cfg)
+        grid, args, meta = _dq_launch(q, k, v, rel_rows, rel_cols, y, dy, lse, delta, dq, drel, kernel_size,
+                                      dilation, scale, padding, cfg)
+        _local_attn_bwd_dq_kernel[grid](*args, **meta)
+        return drel
+
+    def run_dkdv(cfg):
+        grid, args, meta = _dkdv_launch(q, k, v, rel_rows, rel_cols, dy, lse, delta, dk, dv, kernel_size,
+                                        dilation, scale, padding, cfg)
+        _local_attn_bwd_dkdv_kernel[grid](*args, **meta)
+
+    drel = run_dq(config_dq or _config("local_bwd_dq", q, kernel_size, dilation, run_dq))
+    run_dkdv(config_dkdv or _config("local_bwd_dkdv", q, kernel_size, dilation, run_dkdv))  # reads delta
     drel_rows = drel_cols = None
     if has_rel:
         # (B, heads, tiles, k, D) -> (heads, k, D): a deterministic sum over batch and tiles.
