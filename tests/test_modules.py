@@ -1,0 +1,151 @@
+"""SelfAttention2d and the input validation of local_attention2d."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sasa_triton
+from sasa_triton import SelfAttention2d
+from sasa_triton.reference import local_attention2d as reference
+
+from helpers import assert_close
+
+
+def manual_layer(layer, x):
+    """SelfAttention2d written out with the float64 reference."""
+    w = layer.qkv.weight.double()
+    qkv = F.conv2d(x.double(), w)
+    B, _, H, W = qkv.shape
+    q, k, v = qkv.permute(0, 2, 3, 1).reshape(B, H, W, 3, layer.heads, layer.head_dim).unbind(3)
+    y = reference(q, k, v, layer.rel_rows.double(), layer.rel_cols.double(), layer.kernel_size,
+                  layer.dilation, layer.scale, layer.padding)
+    y = y.reshape(B, H, W, -1).permute(0, 3, 1, 2)
+    return F.avg_pool2d(y, layer.stride) if layer.stride > 1 else y
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("rel_per_head", [False, True])
+def test_layer_matches_manual_composition(stride, memory_format, rel_per_head):
+    torch.manual_seed(0)
+    layer = SelfAttention2d(6, 8, kernel_size=3, stride=stride, heads=2, rel_per_head=rel_per_head,
+                            backend="reference")
+    x = torch.randn(2, 6, 7, 9).contiguous(memory_format=memory_format)
+    out = layer(x)
+    assert out.shape == (2, 8, 7 // stride, 9 // stride)
+    assert_close(out, manual_layer(layer, x), torch.float32, "layer")
+
+
+def test_layer_through_triton_kernels(device):
+    torch.manual_seed(0)
+    layer = SelfAttention2d(4, 8, kernel_size=3, heads=2, backend="triton").to(device)
+    x = torch.randn(1, 4, 5, 6, device=device).contiguous(memory_format=torch.channels_last)
+    out = layer(x)
+    assert_close(out, manual_layer(layer, x), torch.float32, "layer")
+    out.square().sum().backward()
+    for name, p in layer.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+
+
+def test_parameter_count_and_init():
+    layer = SelfAttention2d(64, 128, kernel_size=7, heads=8)
+    D = 128 // 8
+    assert sum(p.numel() for p in layer.parameters()) == 3 * 64 * 128 + 7 * D
+    assert layer.qkv.bias is None
+    per_head = SelfAttention2d(64, 128, kernel_size=7, heads=8, rel_per_head=True)
+    assert sum(p.numel() for p in per_head.parameters()) == 3 * 64 * 128 + 8 * 7 * D
+    big = SelfAttention2d(8, 512, kernel_size=7, heads=8)
+    std = torch.cat([big.rel_rows.flatten(), big.rel_cols.flatten()]).std().item()
+    assert 0.5 * 64 ** -0.5 < std < 1.5 * 64 ** -0.5
+    assert "kernel_size=7" in repr(layer)
+
+
+def test_projection_output_is_a_free_view():
+    """With channels_last input, q/k/v handed to the op are views of the projection output."""
+    layer = SelfAttention2d(4, 8, kernel_size=3, heads=2, backend="reference")
+    captured = {}
+    original = sasa_triton.modules.local_attention2d
+
+    def spy(q, k, v, *args, **kwargs):
+        captured["views"] = (q, k, v)
+        return original(q, k, v, *args, **kwargs)
+
+    hook = layer.qkv.register_forward_hook(lambda m, i, o: captured.__setitem__("proj", o))
+    sasa_triton.modules.local_attention2d = spy
+    try:
+        layer(torch.randn(1, 4, 5, 5).contiguous(memory_format=torch.channels_last))
+    finally:
+        sasa_triton.modules.local_attention2d = original
+        hook.remove()
+    base = captured["proj"].untyped_storage().data_ptr()
+    for t in captured["views"]:
+        assert t.untyped_storage().data_ptr() == base
+        assert t.stride(-1) == 1
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(in_channels=4, out_channels=6, heads=4), "heads"),
+    (dict(in_channels=4, out_channels=8, kernel_size=4), "kernel_size"),
+    (dict(in_channels=4, out_channels=8, kernel_size=0), "kernel_size"),
+    (dict(in_channels=0, out_channels=8), "in_channels"),
+    (dict(in_channels=4, out_channels=8, stride=0), "stride"),
+    (dict(in_channels=4, out_channels=8, padding="reflect"), "padding"),
+    (dict(in_channels=4, out_channels=8, backend="cuda"), "backend"),
+    (dict(in_channels=4, out_channels=8, heads=8), "must be >= 2"),
+])
+def test_layer_rejects_bad_config(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SelfAttention2d(**kwargs)
+
+
+def test_layer_rejects_bad_input():
+    layer = SelfAttention2d(4, 8, kernel_size=3, heads=2, backend="reference")
+    with pytest.raises(ValueError, match="in_channels=4"):
+        layer(torch.randn(1, 5, 6, 6))
+    with pytest.raises(ValueError, match="x must have shape"):
+        layer(torch.randn(4, 6, 6))
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        layer([1, 2, 3])
+
+
+def _ok():
+    q = torch.randn(1, 4, 4, 2, 8)
+    return dict(q=q, k=q.clone(), v=q.clone(), rel_rows=torch.randn(3, 4), rel_cols=torch.randn(3, 4), kernel_size=3)
+
+
+@pytest.mark.parametrize("change,error,match", [
+    (dict(q=torch.randn(4, 4, 2, 8)), ValueError, "q must have rank 5"),
+    (dict(k=torch.randn(1, 4, 5, 2, 8)), ValueError, "k must have the shape"),
+    (dict(v=torch.randn(1, 4, 4, 2, 4)), ValueError, "v must have the shape"),
+    (dict(kernel_size=4), ValueError, "kernel_size must be a positive odd"),
+    (dict(kernel_size=-3), ValueError, "kernel_size must be a positive odd"),
+    (dict(kernel_size=3.0), TypeError, "kernel_size must be an int"),
+    (dict(dilation=0), ValueError, "dilation"),
+    (dict(rel_rows=torch.randn(3, 5)), ValueError, "rel_rows must have shape"),
+    (dict(rel_cols=torch.randn(4, 3, 4)), ValueError, "rel_cols must have shape"),
+    (dict(rel_cols=None), ValueError, "rel_rows and rel_cols"),
+    (dict(padding="same"), ValueError, "padding"),
+    (dict(backend="cudnn"), ValueError, "backend"),
+    (dict(q=torch.randint(0, 3, (1, 4, 4, 2, 8))), TypeError, "q must be a floating-point"),
+    (dict(k=torch.randn(1, 4, 4, 2, 8).double()), TypeError, "share a dtype"),
+    (dict(scale="big"), TypeError, "scale"),
+    (dict(q=[1.0]), TypeError, "q must be a torch.Tensor"),
+])
+def test_op_rejects_bad_input(change, error, match):
+    args = _ok()
+    args.update(change)
+    backend = args.pop("backend", "reference")
+    with pytest.raises(error, match=match):
+        sasa_triton.local_attention2d(**args, backend=backend)
+
+
+def test_op_rejects_device_mismatch():
+    args = _ok()
+    args["rel_rows"] = args["rel_rows"].to("meta")
+    with pytest.raises(ValueError, match="rel_rows is on meta"):
+        sasa_triton.local_attention2d(**args)
+
+
+def test_triton_path_rejects_float64(device):
+    q = torch.randn(1, 4, 4, 1, 8, dtype=torch.float64, device=device)
+    with pytest.raises(TypeError, match="float64"):
+        sasa_triton.local_attention2d(q, q, q, kernel_size=3, backend="triton")
