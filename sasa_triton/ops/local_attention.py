@@ -17,13 +17,14 @@ gives dk and dv.
 """
 from __future__ import annotations
 
-import math
+from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
 from .. import tuning
+from .._library import autocast_inputs, define_op, is_fake, launchable
 from .._utils import check_kernel_dtype, check_local_attention_args, resolve_backend
 
 LOG2E = 1.4426950408889634
@@ -457,6 +458,8 @@ def _config(kernel, q, kernel_size, dilation, run=None):
     """The launch config for `kernel` on q's shape; `run(config)` launches the kernel once on the
     real arguments, for the autotuner to time candidates with when nothing is cached."""
     B, H, W, heads, D = q.shape
+    if is_fake(q):  # tracing under torch.compile: nothing to time, the config is fixed at trace time
+        run = None
     return tuning.get_config(kernel, kernel_size, dilation, D, q.dtype, H, W, run=run)
 
 
@@ -476,7 +479,7 @@ def _fwd(q, k, v, rel_rows, rel_cols, kernel_size, dilation, scale, padding, y=N
     def run(cfg):
         grid, args, meta = _fwd_launch(q, k, v, rel_rows, rel_cols, y, lse, kernel_size, dilation, scale,
                                        padding, cfg)
-        _local_attn_fwd_kernel[grid](*args, **meta)
+        launchable(_local_attn_fwd_kernel)[grid](*args, **meta)
 
     run(config or _config("local_fwd", q, kernel_size, dilation, run))
     return y, lse
@@ -509,13 +512,13 @@ def _bwd(q, k, v, rel_rows, rel_cols, y, lse, dy, kernel_size, dilation, scale, 
         drel = _drel_buffer(q, kernel_size, has_rel, cfg)
         grid, args, meta = _dq_launch(q, k, v, rel_rows, rel_cols, y, dy, lse, delta, dq, drel, kernel_size,
                                       dilation, scale, padding, cfg)
-        _local_attn_bwd_dq_kernel[grid](*args, **meta)
+        launchable(_local_attn_bwd_dq_kernel)[grid](*args, **meta)
         return drel
 
     def run_dkdv(cfg):
         grid, args, meta = _dkdv_launch(q, k, v, rel_rows, rel_cols, dy, lse, delta, dk, dv, kernel_size,
                                         dilation, scale, padding, cfg)
-        _local_attn_bwd_dkdv_kernel[grid](*args, **meta)
+        launchable(_local_attn_bwd_dkdv_kernel)[grid](*args, **meta)
 
     drel = run_dq(config_dq or _config("local_bwd_dq", q, kernel_size, dilation, run_dq))
     run_dkdv(config_dkdv or _config("local_bwd_dkdv", q, kernel_size, dilation, run_dkdv))  # reads delta
@@ -569,19 +572,61 @@ def static_specs(shape=(32, 56, 56, 8, 64), dtype=torch.bfloat16, kernel_size=7,
     ]
 
 
-class LocalAttention2dFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, rel_rows, rel_cols, kernel_size, dilation, scale, padding):
-        y, lse = _fwd(q, k, v, rel_rows, rel_cols, kernel_size, dilation, scale, padding)
-        ctx.save_for_backward(q, k, v, rel_rows, rel_cols, y, lse)
-        ctx.args = (kernel_size, dilation, scale, padding)
-        return y
+# ----------------------------------------------------------------------------------------------
+# Registered ops (torch.compile sees them whole: no graph break) and their autograd
+# ----------------------------------------------------------------------------------------------
 
-    @staticmethod
-    def backward(ctx, dy):
-        q, k, v, rel_rows, rel_cols, y, lse = ctx.saved_tensors
-        dq, dk, dv, drel_rows, drel_cols = _bwd(q, k, v, rel_rows, rel_cols, y, lse, dy, *ctx.args)
-        return dq, dk, dv, drel_rows, drel_cols, None, None, None, None
+@define_op("sasa_triton::local_attention2d_fwd")
+def _local_attention2d_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_rows: Optional[torch.Tensor],
+                           rel_cols: Optional[torch.Tensor], kernel_size: int, dilation: int, scale: float,
+                           padding: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    return _fwd(q, k, v, rel_rows, rel_cols, kernel_size, dilation, scale, padding)
+
+
+@_local_attention2d_fwd.register_fake
+def _(q, k, v, rel_rows, rel_cols, kernel_size, dilation, scale, padding):
+    B, H, W, heads, _ = q.shape
+    y = torch.empty_like(q, memory_format=torch.contiguous_format)
+    return y, q.new_empty((B, heads, H, W), dtype=torch.float32)
+
+
+@define_op("sasa_triton::local_attention2d_bwd")
+def _local_attention2d_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_rows: Optional[torch.Tensor],
+                           rel_cols: Optional[torch.Tensor], y: torch.Tensor, lse: torch.Tensor, dy: torch.Tensor,
+                           kernel_size: int, dilation: int, scale: float,
+                           padding: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq, dk, dv, drel_rows, drel_cols = _bwd(q, k, v, rel_rows, rel_cols, y, lse, dy, kernel_size, dilation,
+                                            scale, padding)
+    if rel_rows is None:  # ops return tensors only: empty stand-ins, mapped back to None below
+        drel_rows = drel_cols = q.new_empty(0)
+    return dq, dk, dv, drel_rows, drel_cols
+
+
+@_local_attention2d_bwd.register_fake
+def _(q, k, v, rel_rows, rel_cols, y, lse, dy, kernel_size, dilation, scale, padding):
+    grads = tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+    if rel_rows is None:
+        return (*grads, q.new_empty(0), q.new_empty(0))
+    return (*grads, torch.empty_like(rel_rows), torch.empty_like(rel_cols))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, rel_rows, rel_cols, kernel_size, dilation, scale, padding = inputs
+    y, lse = output
+    ctx.save_for_backward(q, k, v, rel_rows, rel_cols, y, lse)
+    ctx.args = (kernel_size, dilation, scale, padding)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, dy, _dlse):
+    q, k, v, rel_rows, rel_cols, y, lse = ctx.saved_tensors
+    dq, dk, dv, drel_rows, drel_cols = _local_attention2d_bwd(q, k, v, rel_rows, rel_cols, y, lse, dy, *ctx.args)
+    if rel_rows is None:
+        drel_rows = drel_cols = None
+    return dq, dk, dv, drel_rows, drel_cols, None, None, None, None
+
+
+_local_attention2d_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def local_attention2d(q, k, v, rel_rows=None, rel_cols=None, kernel_size=7, dilation=1, scale=1.0,
@@ -609,8 +654,10 @@ def local_attention2d(q, k, v, rel_rows=None, rel_cols=None, kernel_size=7, dila
     if resolve_backend(backend, q.device) == "reference":
         from ..reference import local_attention2d as reference_op
         return reference_op(q, k, v, rel_rows, rel_cols, kernel_size, dilation, scale, padding)
+    q, k, v = autocast_inputs(q, k, v)
     check_kernel_dtype("q", q)
     for name, rel in (("rel_rows", rel_rows), ("rel_cols", rel_cols)):
         if rel is not None:
             check_kernel_dtype(name, rel)
-    return LocalAttention2dFunction.apply(q, k, v, rel_rows, rel_cols, kernel_size, dilation, float(scale), padding)
+    y, _ = _local_attention2d_fwd(q, k, v, rel_rows, rel_cols, kernel_size, dilation, float(scale), padding)
+    return y

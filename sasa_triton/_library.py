@@ -1,0 +1,58 @@
+"""Registration of the fused ops with torch.library, so torch.compile traces them without graph
+breaks and fake tensors (torch.export, shape propagation) work.
+
+Compiled kernels: `torch.library.triton_op` + `wrap_triton`, which let Inductor see the Triton
+launch. Under TRITON_INTERPRET=1 the @triton.jit functions are interpreter objects that
+wrap_triton rejects on some torch versions, so the ops are plain `custom_op`s with a fake kernel.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._utils import interpreter_enabled
+
+_INTERPRET = interpreter_enabled()
+_wrap_triton = getattr(torch.library, "wrap_triton", None) or getattr(torch.library, "capture_triton", None)
+_USE_TRITON_OP = not _INTERPRET and hasattr(torch.library, "triton_op") and _wrap_triton is not None
+
+
+def define_op(name: str):
+    """Decorator registering a functional (non-mutating) op under `name`."""
+    def decorator(fn):
+        if _USE_TRITON_OP:
+            return torch.library.triton_op(name, mutates_args=())(fn)
+        return torch.library.custom_op(name, mutates_args=())(fn)
+    return decorator
+
+
+def launchable(kernel):
+    """The kernel as the registered op must launch it (wrapped for tracing when compiled)."""
+    return _wrap_triton(kernel) if _USE_TRITON_OP else kernel
+
+
+def is_fake(t: torch.Tensor) -> bool:
+    """True for fake/meta tensors (tracing): nothing can be launched or timed on them."""
+    if t.device.type == "meta":
+        return True
+    from torch._subclasses.fake_tensor import FakeTensor
+    if isinstance(t, FakeTensor):
+        return True
+    try:
+        from torch._subclasses.functional_tensor import FunctionalTensor
+        if isinstance(t, FunctionalTensor):
+            return True
+    except ImportError:  # pragma: no cover - older torch
+        pass
+    return torch._guards.detect_fake_mode((t,)) is not None
+
+
+def autocast_inputs(*tensors):
+    """Under autocast, float32 activations go to the autocast dtype (the relative tables, being
+    parameters, stay as they are: the kernels read them in fp32)."""
+    if not tensors:
+        return tensors
+    device_type = tensors[0].device.type
+    if device_type not in ("cuda", "cpu") or not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if t.dtype == torch.float32 else t for t in tensors)
