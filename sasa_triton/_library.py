@@ -1,11 +1,16 @@
 """Registration of the fused ops with torch.library, so torch.compile traces them without graph
 breaks and fake tensors (torch.export, shape propagation) work.
 
-Compiled kernels: `torch.library.triton_op` + `wrap_triton`, which let Inductor see the Triton
-launch. Under TRITON_INTERPRET=1 the @triton.jit functions are interpreter objects that
-wrap_triton rejects on some torch versions, so the ops are plain `custom_op`s with a fake kernel.
+Default: `torch.library.custom_op` with a registered fake kernel and autograd. Inductor treats it
+as one opaque extern call, which is all the fused kernels need (there is nothing to fuse into
+them). SASA_TRITON_TRITON_OP=1 registers them as `torch.library.triton_op` + `wrap_triton`
+instead, so Inductor sees the Triton launches; that path is opt-in until it has been verified on
+a GPU (it cannot be exercised here: tracing wrap_triton needs a CUDA driver). Under
+TRITON_INTERPRET=1 it is never used (wrap_triton rejects interpreted kernels on some versions).
 """
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -13,7 +18,8 @@ from ._utils import interpreter_enabled
 
 _INTERPRET = interpreter_enabled()
 _wrap_triton = getattr(torch.library, "wrap_triton", None) or getattr(torch.library, "capture_triton", None)
-_USE_TRITON_OP = not _INTERPRET and hasattr(torch.library, "triton_op") and _wrap_triton is not None
+_USE_TRITON_OP = (os.environ.get("SASA_TRITON_TRITON_OP", "0") == "1" and not _INTERPRET
+                  and hasattr(torch.library, "triton_op") and _wrap_triton is not None)
 
 
 def define_op(name: str):
