@@ -3,7 +3,10 @@ as fused Triton kernels for PyTorch."""
 from . import reference
 from .modules import SelfAttention2d
 from .ops.local_attention import local_attention2d
+from .ops.spatial_attention import spatial_attention2d
+from .stem import AttentionStem, SpatialAttention2d
 
 __version__ = "0.1.0"
 
 __all__ = ["local_attention2d", "SelfAttention2d", "reference", "__version__"]
+__all__ += ["spatial_attention2d", "SpatialAttention2d", "AttentionStem"]

@@ -124,3 +124,35 @@ def check_local_attention_args(q, k, v, rel_rows, rel_cols, kernel_size, dilatio
                 f"for kernel_size={kernel_size}, heads={heads}, D={head_dim}; got {tuple(rel.shape)}"
             )
     check_same_device(q=q, k=k, v=v, rel_rows=rel_rows, rel_cols=rel_cols)
+
+
+WINDOWS = ("block", "sliding")
+
+
+def check_spatial_attention_args(q, k, values, mix, block_size, scale, window, padding):
+    """Validate the arguments of spatial_attention2d (both backends share these checks)."""
+    check_tensor("q", q, rank=5)
+    check_tensor("k", k, rank=5)
+    check_tensor("values", values, rank=6)
+    check_tensor("mix", mix, rank=3)
+    if k.shape != q.shape:
+        raise ValueError(f"k must have the shape of q {tuple(q.shape)}, got {tuple(k.shape)}")
+    B, H, W, heads, D = q.shape
+    M = values.shape[3]
+    if values.shape[:3] != q.shape[:3] or values.shape[4:] != q.shape[3:] or M < 1:
+        raise ValueError(
+            f"values must have shape (B, H, W, M, heads, D) = ({B}, {H}, {W}, M, {heads}, {D}) with M >= 1, "
+            f"got {tuple(values.shape)}"
+        )
+    if k.dtype != q.dtype or values.dtype != q.dtype:
+        raise TypeError(f"q, k and values must share a dtype, got {q.dtype}, {k.dtype}, {values.dtype}")
+    check_positive_int(block_size, "block_size")
+    if tuple(mix.shape) != (block_size, block_size, M):
+        raise ValueError(
+            f"mix must have shape (block_size, block_size, M) = ({block_size}, {block_size}, {M}), "
+            f"got {tuple(mix.shape)}"
+        )
+    check_scale(scale)
+    check_choice(window, "window", WINDOWS)
+    check_choice(padding, "padding", PADDINGS)
+    check_same_device(q=q, k=k, values=values, mix=mix)

@@ -1,4 +1,5 @@
 """PyTorch reference implementations: the CPU path and the oracle of every test."""
 from .local_attention import local_attention2d
+from .spatial_attention import spatial_attention2d
 
-__all__ = ["local_attention2d"]
+__all__ = ["local_attention2d", "spatial_attention2d"]
