@@ -121,3 +121,22 @@ def test_gpu_inductor_fullgraph():
     expected = layer(x)
     assert_close(out, expected, torch.float32, "inductor")
     out.sum().backward()
+
+
+@pytest.mark.parametrize("window", ["block", "sliding"])
+def test_stem_fullgraph_matches_eager(window, device):
+    torch.manual_seed(0)
+    layer = sasa_triton.SpatialAttention2d(3, 8, block_size=2, heads=2, mixtures=2, window=window,
+                                           backend="triton").to(device)
+    x = torch.randn(1, 3, 6, 5, device=device)
+    compiled, counter = compiled_counter(layer)
+    out = compiled(x)
+    out.square().sum().backward()
+    compiled_grads = grads_of(layer)
+    layer.zero_grad()
+    expected = layer(x)
+    expected.square().sum().backward()
+    assert counter.frame_count == 1
+    assert_close(out, expected, torch.float32, "y")
+    for name, g in grads_of(layer).items():
+        assert_close(compiled_grads[name], g, torch.float32, name)

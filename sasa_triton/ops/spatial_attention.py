@@ -19,11 +19,14 @@ the sliding window: its key-stationary kernel recomputes the probabilities once 
 """
 from __future__ import annotations
 
+from typing import Tuple
+
 import torch
 import triton
 import triton.language as tl
 
 from .. import tuning
+from .._library import autocast_inputs, define_op, is_fake, launchable
 from .._utils import check_kernel_dtype, check_spatial_attention_args, resolve_backend
 
 LOG2E = 1.4426950408889634
@@ -487,6 +490,8 @@ def _config(kernel, q, block_size, window, run=None):
     f"spatial_{window}_{kernel}" (kernel_size = block_size, dilation = 1); `run(config)` launches
     the kernel once on the real arguments, for an autotuner to time candidates with."""
     B, H, W, heads, D = q.shape
+    if is_fake(q):  # tracing under torch.compile: nothing to time, the config is fixed at trace time
+        run = None
     return tuning.get_config(f"spatial_{window}_{kernel}", block_size, 1, D, q.dtype, H, W, run=run)
 
 
@@ -578,7 +583,7 @@ def _fwd(q, k, values, mix, block_size, scale, window, padding, y=None, lse=None
 
     def run(cfg):
         grid, args, meta = _fwd_launch(q, k, values, mix, y, lse, block_size, scale, window, padding, cfg)
-        _spatial_fwd_kernel[grid](*args, **meta)
+        launchable(_spatial_fwd_kernel)[grid](*args, **meta)
 
     run(config or _config("fwd", q, block_size, window, run))
     return y, lse
@@ -601,13 +606,13 @@ def _bwd(q, k, values, mix, y, lse, dy, block_size, scale, window, padding,
     def run_dq(cfg):
         grid, args, meta = _dq_launch(q, k, values, mix, y, dy, lse, delta, dq, block_size, scale, window,
                                       padding, cfg)
-        _spatial_bwd_dq_kernel[grid](*args, **meta)
+        launchable(_spatial_bwd_dq_kernel)[grid](*args, **meta)
 
     def run_dkdv(cfg):  # the partial-sum buffer has one row per program, so one per config
         dmix_partial = _dmix_buffer(q, M, block_size, window, cfg)
         grid, args, meta = _dkdv_launch(q, k, values, mix, dy, lse, delta, dk, dvalues, dmix_partial,
                                         block_size, scale, window, padding, cfg)
-        _spatial_bwd_dkdv_kernel[grid](*args, **meta)
+        launchable(_spatial_bwd_dkdv_kernel)[grid](*args, **meta)
         return dmix_partial
 
     run_dq(config_dq or _config("bwd_dq", q, block_size, window, run_dq))
@@ -617,19 +622,53 @@ def _bwd(q, k, values, mix, y, lse, dy, block_size, scale, window, padding,
     return dq, dk, dvalues, dmix
 
 
-class SpatialAttention2dFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, values, mix, block_size, scale, window, padding):
-        y, lse = _fwd(q, k, values, mix, block_size, scale, window, padding)
-        ctx.save_for_backward(q, k, values, mix, y, lse)
-        ctx.args = (block_size, scale, window, padding)
-        return y
+# ----------------------------------------------------------------------------------------------
+# Registered ops (torch.compile sees them whole: no graph break) and their autograd
+# ----------------------------------------------------------------------------------------------
 
-    @staticmethod
-    def backward(ctx, dy):
-        q, k, values, mix, y, lse = ctx.saved_tensors
-        dq, dk, dvalues, dmix = _bwd(q, k, values, mix, y, lse, dy, *ctx.args)
-        return dq, dk, dvalues, dmix, None, None, None, None
+@define_op("sasa_triton::spatial_attention2d_fwd")
+def _spatial_attention2d_fwd(q: torch.Tensor, k: torch.Tensor, values: torch.Tensor, mix: torch.Tensor,
+                             block_size: int, scale: float, window: str,
+                             padding: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    return _fwd(q, k, values, mix, block_size, scale, window, padding)
+
+
+@_spatial_attention2d_fwd.register_fake
+def _(q, k, values, mix, block_size, scale, window, padding):
+    B, H, W, heads, _ = q.shape
+    y = torch.empty_like(q, memory_format=torch.contiguous_format)
+    return y, q.new_empty((B, heads, H, W), dtype=torch.float32)
+
+
+@define_op("sasa_triton::spatial_attention2d_bwd")
+def _spatial_attention2d_bwd(q: torch.Tensor, k: torch.Tensor, values: torch.Tensor, mix: torch.Tensor,
+                             y: torch.Tensor, lse: torch.Tensor, dy: torch.Tensor, block_size: int, scale: float,
+                             window: str, padding: str
+                             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _bwd(q, k, values, mix, y, lse, dy, block_size, scale, window, padding)
+
+
+@_spatial_attention2d_bwd.register_fake
+def _(q, k, values, mix, y, lse, dy, block_size, scale, window, padding):
+    grads = tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, values))
+    return (*grads, torch.empty_like(mix))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, values, mix, block_size, scale, window, padding = inputs
+    y, lse = output
+    ctx.save_for_backward(q, k, values, mix, y, lse)
+    ctx.args = (block_size, scale, window, padding)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, dy, _dlse):
+    q, k, values, mix, y, lse = ctx.saved_tensors
+    dq, dk, dvalues, dmix = _spatial_attention2d_bwd(q, k, values, mix, y, lse, dy, *ctx.args)
+    return dq, dk, dvalues, dmix, None, None, None, None
+
+
+_spatial_attention2d_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def spatial_attention2d(q, k, values, mix, block_size=4, scale=1.0, window="block", padding="zeros",
@@ -667,9 +706,11 @@ def spatial_attention2d(q, k, values, mix, block_size=4, scale=1.0, window="bloc
     if resolve_backend(backend, q.device) == "reference":
         from ..reference import spatial_attention2d as reference_op
         return reference_op(q, k, values, mix, block_size, scale, window, padding)
+    q, k, values = autocast_inputs(q, k, values)
     check_kernel_dtype("q", q)
     check_kernel_dtype("mix", mix)
     if q.shape[-1] > 128:
         raise ValueError(f"the Triton kernels support a head dim D <= 128, got D={q.shape[-1]} "
                          f"(use backend='reference')")
-    return SpatialAttention2dFunction.apply(q, k, values, mix, block_size, float(scale), window, padding)
+    y, _ = _spatial_attention2d_fwd(q, k, values, mix, block_size, float(scale), window, padding)
+    return y
