@@ -1,0 +1,54 @@
+"""The notebooks run top to bottom, headless, on a CPU (nbclient, kernel "python3")."""
+import os
+import sys
+
+import pytest
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NOTEBOOKS = ("quickstart.ipynb", "throughput.ipynb")
+
+
+@pytest.fixture(scope="module")
+def kernel_env(tmp_path_factory):
+    """Environment for the notebook kernel: the repository importable, a python3 kernelspec found
+    (installed into a temporary prefix when this Python has none), one torch thread."""
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    saved = dict(os.environ)
+    os.environ["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in [saved.get("PYTHONPATH")] if p])
+    os.environ["OMP_NUM_THREADS"] = "1"  # small ops; shared CI machines oversubscribe threads badly
+    os.environ.pop("MPLBACKEND", None)  # the kernel's inline backend, so plots land in the outputs
+    if "python3" not in KernelSpecManager().find_kernel_specs():
+        from ipykernel import kernelspec
+        prefix = str(tmp_path_factory.mktemp("jupyter"))
+        kernelspec.install(prefix=prefix, kernel_name="python3")
+        os.environ["JUPYTER_PATH"] = os.pathsep.join([os.path.join(prefix, "share", "jupyter")]
+                                                     + [p for p in [saved.get("JUPYTER_PATH")] if p])
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebook_runs(name, kernel_env, tmp_path, monkeypatch):
+    path = os.path.join(ROOT, "notebooks", name)
+    nb = nbformat.read(path, as_version=4)
+    assert all(not cell.get("outputs") for cell in nb.cells if cell.cell_type == "code"), \
+        f"{name} is stored with outputs; clear them before committing"
+    monkeypatch.delenv("SASA_BENCH_CSV", raising=False)
+    client = nbclient.NotebookClient(nb, timeout=150, kernel_name="python3",
+                                     resources={"metadata": {"path": str(tmp_path)}})
+    client.execute()
+    text = "\n".join(out.get("text", "") for cell in nb.cells if cell.cell_type == "code"
+                     for out in cell.get("outputs", []) if out.get("output_type") == "stream")
+    images = sum("image/png" in out.get("data", {}) for cell in nb.cells if cell.cell_type == "code"
+                 for out in cell.get("outputs", []))
+    assert images >= 2, f"{name}: expected plots in the outputs, got {images}"
+    if name == "quickstart.ipynb":
+        assert "peak at offset (-1, -2)" in text
+        assert "max |triton - reference|" in text
+    else:
+        assert "CPU (reference path)" in text or not sys.platform  # the CPU run is labelled
