@@ -714,3 +714,41 @@ def spatial_attention2d(q, k, values, mix, block_size=4, scale=1.0, window="bloc
                          f"(use backend='reference')")
     y, _ = _spatial_attention2d_fwd(q, k, values, mix, block_size, float(scale), window, padding)
     return y
+
+
+def static_specs(shape=(32, 224, 224, 4, 16), dtype=torch.bfloat16, block_size=4, mixtures=4, window="block",
+                 padding="zeros", configs=None):
+    """KernelSpecs of the forward, dq and dk/dv kernels exactly as a launch on contiguous tensors of
+    `shape` (B, H, W, heads, D) with `mixtures` value maps would compile them (meta tensors: nothing
+    is allocated or run); for `python -m sasa_triton.inspect` and the sm_90 compilation tests.
+
+    configs: optional {"spatial_<window>_fwd": cfg, "spatial_<window>_bwd_dq": cfg,
+    "spatial_<window>_bwd_dkdv": cfg} overrides of the looked-up configs.
+    """
+    from .._compile import spec_from_launch
+
+    configs = configs or {}
+    B, H, W, heads, D = shape
+    q = torch.empty(shape, dtype=dtype, device="meta")
+    k, y, dy, dq, dk = (torch.empty_like(q) for _ in range(5))
+    values = torch.empty((B, H, W, mixtures, heads, D), dtype=dtype, device="meta")
+    dvalues = torch.empty_like(values)
+    mix = torch.empty((block_size, block_size, mixtures), device="meta")  # fp32, as the stem module's
+    lse = torch.empty((B, heads, H, W), device="meta")
+    delta = torch.empty_like(lse)
+    name = f"spatial_{window}"
+
+    def config(kernel):  # the lookup on meta tensors times nothing: a tuned entry or the default
+        return configs.get(f"{name}_{kernel}") or _config(kernel, q, block_size, window)
+
+    common = dict(block_size=block_size, scale=1.0, window=window, padding=padding)
+    fwd = _fwd_launch(q, k, values, mix, y, lse, config=config("fwd"), **common)
+    dq_launch = _dq_launch(q, k, values, mix, y, dy, lse, delta, dq, config=config("bwd_dq"), **common)
+    config_dkdv = config("bwd_dkdv")
+    dmix_partial = _dmix_buffer(q, mixtures, block_size, window, config_dkdv)
+    dkdv = _dkdv_launch(q, k, values, mix, dy, lse, delta, dk, dvalues, dmix_partial, config=config_dkdv, **common)
+    return [
+        spec_from_launch(f"{name}_fwd", _spatial_fwd_kernel, *fwd[1:]),
+        spec_from_launch(f"{name}_bwd_dq", _spatial_bwd_dq_kernel, *dq_launch[1:]),
+        spec_from_launch(f"{name}_bwd_dkdv", _spatial_bwd_dkdv_kernel, *dkdv[1:]),
+    ]
