@@ -5,6 +5,7 @@ from .modules import SelfAttention2d
 from .ops.local_attention import local_attention2d
 from .ops.spatial_attention import spatial_attention2d
 from .stem import AttentionStem, SpatialAttention2d
+from . import models
 
 __version__ = "0.1.0"
 

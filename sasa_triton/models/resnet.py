@@ -6,21 +6,22 @@ fc; blocks conv1/bn1/conv2/bn2/conv3/bn3/downsample), so `resnet50()` loads a to
 ResNet-50 state dict, and `convert_to_sasa(resnet50())` has exactly the state-dict keys of
 `sasa_resnet50(stem="conv")`.
 
-Parameter counts (num_classes=1000, base_width=64; SPEC table):
+Parameter counts (num_classes=1000, base_width=64) and FLOPs at 224x224 (multiply-add = 2,
+`count_flops`; in brackets relative="full", the paper's way of counting the relative logits):
 
-| model | conv baseline | SASA, conv stem | SASA, attention stem | paper (conv / attention) |
+| model | conv baseline | SASA, conv stem | SASA, attention stem | paper: conv / SASA |
 |---|---|---|---|---|
-| ResNet-26 | 13.69 M | 10.35 M | 10.34 M | 13.7 / 10.3 |
-| ResNet-38 | 19.60 M | 14.08 M | 14.07 M | 19.6 / 14.1 |
-| ResNet-50 | 25.56 M | 18.03 M | 18.02 M | 25.6 / 18.0 |
+| ResNet-26 | 13.70 M, 4.69 G | 10.33 M, 4.39 G (4.48) | 10.32 M, 4.50 G (4.60) | 13.7 / 10.3 M; 4.7 / 4.5, 4.7 G |
+| ResNet-38 | 19.63 M, 6.43 G | 14.17 M, 5.60 G (5.73) | 14.17 M, 5.71 G (5.84) | 19.6 / 14.1 M; 6.5 / 5.7, 6.1 G |
+| ResNet-50 | 25.56 M, 8.18 G | 18.02 M, 6.81 G (6.97) | 18.01 M, 6.92 G (7.08) | 25.6 / 18.0 M; 8.2 / 7.0, 7.2 G |
 
-The natural reading of the paper lands on these numbers, so nothing else had to be guessed:
-every 3x3 conv of every bottleneck (the one that carries the stride, torchvision's "v1.5") becomes
-a SelfAttention2d with the same in/out channels (3 * C_in * C_out projection weights instead of
-9 * C_in * C_out, plus k * D relative-embedding weights); the 1x1 convs, the projection
-shortcuts (1x1 conv with stride + BN) and the classifier stay; the conv stem is the ResNet one.
-The attention stem (about 2 k parameters against the conv stem's 9.5 k) changes the count by
-less than 0.1 %, which is why the paper gives one number for both variants.
+The natural reading of the paper lands within 0.6 % of its counts, so nothing else had to be
+guessed: every 3x3 conv of every bottleneck (the one that carries the stride, torchvision's
+"v1.5") becomes a SelfAttention2d with the same in/out channels (3 * C_in * C_out projection
+weights instead of 9 * C_in * C_out, plus k * D relative-embedding weights); the 1x1 convs, the
+projection shortcuts (1x1 conv with stride + BN) and the classifier stay; the conv stem is
+ResNet's. The attention stem (1.5 k parameters with its BN, against the conv stem's 9.5 k) changes the
+count by less than 0.1 %, which is why the paper gives one number for both variants.
 """
 from __future__ import annotations
 
@@ -106,9 +107,10 @@ class ResNet(nn.Module):
         stem_heads, stem_mixtures, stem_block_size: of the attention stem (paper: 4, 4, 4).
         zero_init_residual: zero the last BN scale of each block (Goyal et al.), off by default.
 
-    Shapes: (B, in_channels, H, W) -> (B, num_classes). With the "conv"/"attention" stems H and W
-    should be multiples of 32 (of 4 * 2**(len(layers) - 1) for "attention"... see the stems);
-    with "small", multiples of 2**(len(layers) - 1).
+    Shapes: (B, in_channels, H, W) -> (B, num_classes). Both full-size stems reduce H and W by 4
+    and every later stage by 2, so H and W should be multiples of 4 * 2**(len(layers) - 1) (32 for
+    four stages); with "small", of 2**(len(layers) - 1). Other sizes work, rounding down at each
+    stride-2 attention (avg pool) and up at the convs.
 
     Plain modules and no global state: works with channels_last, torch.save/load_state_dict and
     DistributedDataParallel.
@@ -208,10 +210,7 @@ def _sasa(depth: int, stem: str, kwargs) -> ResNet:
 
 
 def _conv(depth: int, kwargs) -> ResNet:
-    for name in ("attention",):
-        if name in kwargs:
-            raise TypeError(f"resnet{depth}() builds the convolutional baseline; got {name}=")
-    return ResNet(DEPTHS[depth], attention=False, stem=kwargs.pop("stem", "conv"), **kwargs)
+    return ResNet(DEPTHS[depth], attention=False, **kwargs)
 
 
 def sasa_resnet26(stem: str = "conv", **kwargs) -> ResNet:
