@@ -325,6 +325,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def _reexec(argv) -> int:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_parent, env.get("PYTHONPATH")) if p)
     cmd = [sys.executable, "-m", "sasa_triton.inspect", *argv]
     return subprocess.run(cmd, env=env).returncode
 
@@ -351,8 +353,12 @@ def main(argv=None) -> int:
     if args.jobs > 1 and len(jobs) > 1:
         import concurrent.futures
         import multiprocessing
-        with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("fork")) as pool:
-            records = list(pool.map(_run_job_star, payloads))
+
+        from sasa_triton import inspect as this  # pickled by its package name, also under python -m
+        # fork is cheap (torch already imported); after CUDA was initialised, spawn fresh workers.
+        method = "spawn" if torch.cuda.is_initialized() else "fork"
+        with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context(method)) as pool:
+            records = list(pool.map(this._run_job_star, payloads))
     else:
         records = [_run_job_star(p) for p in payloads]
 
