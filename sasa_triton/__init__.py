@@ -11,3 +11,4 @@ __version__ = "0.1.0"
 
 __all__ = ["local_attention2d", "SelfAttention2d", "reference", "__version__"]
 __all__ += ["spatial_attention2d", "SpatialAttention2d", "AttentionStem"]
+__all__ += ["models"]

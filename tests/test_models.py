@@ -299,9 +299,10 @@ def test_flops_exact_for_single_layers():
 def test_flops_leave_model_untouched():
     model = small_sasa()
     model.train()
+    model.layer1[0].bn1.eval()  # mixed modes survive
     before = {k: v.clone() for k, v in model.state_dict().items()}
     models.count_flops(model, (1, 3, 64, 64))
-    assert model.training
+    assert model.training and model.layer1[0].bn2.training and not model.layer1[0].bn1.training
     after = model.state_dict()
     assert all(after[k].device.type == "cpu" and torch.equal(after[k], v) for k, v in before.items())
     assert not any(m._forward_hooks for m in model.modules())

@@ -97,7 +97,7 @@ def flops_by_module(model: nn.Module, input_size=(1, 3, 224, 224), relative: str
             result[name] = result.get(name, 0) + int(fn(module, inputs, out))
         return hook
 
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]
     try:
         for m in model.modules():
             for cls, fn in counters:
@@ -119,7 +119,8 @@ def flops_by_module(model: nn.Module, input_size=(1, 3, 224, 224), relative: str
             h.remove()
         for m, backend in saved_backends:
             m.backend = backend
-        model.train(was_training)
+        for m, training in modes:
+            m.training = training
     return result
 
 
