@@ -3,6 +3,7 @@ its resource use next to the roofline that bounds it.
 
     python -m sasa_triton.inspect --arch sm_90 [--dtype bf16 fp16] [--kernel-sizes 3 5 7 9 11]
                                   [--head-dims 8 16 32 64] [--configs default|tuned|candidates]
+                                  [--tuned-file FILE.json]
                                   [--bandwidth 3.0] [--peak-tflops 790] [--json [PATH]]
 
 Per kernel and config: registers per thread, spill stores/loads (bytes), shared memory, whether
@@ -132,7 +133,32 @@ def add_roofline(record: dict, shape: tuple, bandwidth_tbps: float, peak_tflops:
 # Which kernels and configs
 # ----------------------------------------------------------------------------------------------
 
-def _configs_for(kernel, mode, kernel_size, head_dim, dtype, H, W):
+TUNED_KEY = re.compile(r"^(?P<kernel>[a-z_]+)/k(?P<k>\d+)/d(?P<d>\d+)/D(?P<D>\d+)/(?P<dtype>\w+)/H(?P<H>\d+)/W(?P<W>\d+)$")
+
+
+def read_tuned_files(paths) -> tuple[dict, list[str]]:
+    """{(kernel, k, D, dtype): [(source, config)]} from tuned-config JSON files (the format of
+    sasa_triton/configs/README.md), whatever GPU they were tuned on, and a note per file."""
+    table, notes = {}, []
+    for path in paths or ():
+        with open(path) as f:
+            data = json.load(f)
+        configs = data.get("configs") if isinstance(data, dict) else None
+        if not isinstance(configs, dict):
+            raise SystemExit(f"--tuned-file {path}: not a sasa_triton tuned-config file (no 'configs')")
+        notes.append(f"tuned configs from {path}: tuned on {data.get('gpu')!r} with Triton {data.get('triton')}")
+        for key, entry in configs.items():
+            match = TUNED_KEY.match(key)
+            if not match or int(match["d"]) != 1:
+                continue
+            config = {k: v for k, v in entry.items() if k in ("num_warps", "num_stages") or k.isupper()}
+            source = f"tuned H{match['H']}/W{match['W']}"
+            table.setdefault((match["kernel"], int(match["k"]), int(match["D"]), match["dtype"]), []).append(
+                (source, config))
+    return table, notes
+
+
+def _configs_for(kernel, mode, kernel_size, head_dim, dtype, H, W, tuned_table=None):
     """[(source, config)] for one kernel: the default, plus tuned or candidate configs."""
     from . import tuning
     default = tuning.default_config(kernel, kernel_size, 1, head_dim, dtype)
@@ -146,6 +172,9 @@ def _configs_for(kernel, mode, kernel_size, head_dim, dtype, H, W):
         if candidates is None:
             raise RuntimeError("this sasa_triton.tuning has no candidate_configs()")
         out += [("candidate", c) for c in candidates(kernel, kernel_size, 1, head_dim, dtype, H, W) if c != default]
+    for source, config in (tuned_table or {}).get((kernel, kernel_size, head_dim, DTYPE_NAMES[dtype]), []):
+        if all(config != c for _, c in out):
+            out.append((source, config))
     return out
 
 
@@ -157,7 +186,7 @@ def local_jobs(args) -> list[dict]:
                 shape = args.shape or (32, PAPER_STAGE.get(D, 56), PAPER_STAGE.get(D, 56), 8)
                 for kernel in LOCAL_KERNELS:
                     for source, config in _configs_for(kernel, args.configs, k, D, DTYPES[dtype_name], shape[1],
-                                                       shape[2]):
+                                                       shape[2], args.tuned_table):
                         jobs.append(dict(family="local", kernel=kernel, dtype=dtype_name, kernel_size=k, head_dim=D,
                                          shape=(*shape, D), source=source, config=config))
     return jobs
@@ -180,9 +209,13 @@ def stem_jobs(args) -> tuple[list[dict], str | None]:
             except Exception as e:  # keep the local-attention report when the stem's specs break
                 return [], f"stem kernels not covered: static_specs failed: {type(e).__name__}: {e}"
             for index, spec in enumerate(specs):
-                jobs.append(dict(family="stem", kernel=spec.name, dtype=dtype_name, kernel_size=STEM_BLOCK,
-                                 head_dim=STEM_SHAPE[-1], shape=STEM_SHAPE, source="default", config=spec.config(),
-                                 window=window, index=index))
+                job = dict(family="stem", kernel=spec.name, dtype=dtype_name, kernel_size=STEM_BLOCK,
+                           head_dim=STEM_SHAPE[-1], shape=STEM_SHAPE, source="default", config=spec.config(),
+                           window=window, index=index, override=None)
+                jobs.append(job)
+                tuned = (args.tuned_table or {}).get((spec.name, STEM_BLOCK, STEM_SHAPE[-1], dtype_name), [])
+                for source, config in tuned:
+                    jobs.append(dict(job, source=source, config=config, override=config))
     return jobs, None
 
 
@@ -194,8 +227,10 @@ def _spec(job):
                              configs={job["kernel"]: job["config"]})
         return next(s for s in specs if s.name == job["kernel"])
     from .ops import spatial_attention
+    configs = {job["kernel"]: job["override"]} if job.get("override") else None
     return spatial_attention.static_specs(shape=job["shape"], dtype=dtype, block_size=STEM_BLOCK,
-                                          mixtures=STEM_MIXTURES, window=job["window"])[job["index"]]
+                                          mixtures=STEM_MIXTURES, window=job["window"],
+                                          configs=configs)[job["index"]]
 
 
 def run_job(job: dict, arch: int, bandwidth_tbps: float, peak_tflops: float) -> dict:
@@ -306,6 +341,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--configs", choices=("default", "tuned", "candidates"), default="default",
                    help="default configs only; plus tuned ones (autotune cache / tuned files); or every "
                         "autotuning candidate that survives pruning")
+    p.add_argument("--tuned-file", nargs="+", default=None, metavar="JSON",
+                   help="also compile the configs of these tuned-config files (python -m sasa_triton.autotune "
+                        "output), whatever GPU they were tuned on")
     p.add_argument("--bandwidth", type=float, default=3.0, help="memory bandwidth in TB/s (H100 SXM copy: 3.0)")
     p.add_argument("--peak-tflops", type=float, default=790.0, help="tensor-core peak in TFLOP/s (H100 bf16: 790)")
     p.add_argument("--no-stem", dest="stem", action="store_false", help="leave out the attention-stem kernels")
@@ -341,8 +379,8 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore", message=".*TRITON_DEFAULT_FP_FUSION.*")  # triton 3.9's notice, not ours
     import triton
 
+    args.tuned_table, notes = read_tuned_files(args.tuned_file)
     jobs = local_jobs(args)
-    notes = []
     if args.stem:
         stem, why_not = stem_jobs(args)
         jobs += stem

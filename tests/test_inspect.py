@@ -81,3 +81,21 @@ def test_cli_parsing():
         sasa_inspect.parse_args(["--kernel-sizes", "4"])
     args = sasa_inspect.parse_args([])
     assert args.arch == 90 and args.dtype == ["bf16"] and args.bandwidth == 3.0 and args.configs == "default"
+
+
+def test_tuned_file_configs_are_added(tmp_path):
+    import torch
+
+    path = tmp_path / "tuned.json"
+    path.write_text(json.dumps({
+        "format": 1, "gpu": "NVIDIA H100 80GB HBM3", "triton": "3.6.0",
+        "configs": {"local_fwd/k7/d1/D64/bf16/H8/W8": {"BLOCK_H": 2, "BLOCK_W": 16, "num_warps": 4, "num_stages": 2,
+                                                      "ms": 0.04, "default_ms": 0.05, "timed": 9},
+                    "local_fwd/k7/d2/D64/bf16/H8/W8": {"BLOCK_H": 2, "BLOCK_W": 16, "num_warps": 4, "num_stages": 2}},
+    }))
+    table, notes = sasa_inspect.read_tuned_files([str(path)])
+    assert table == {("local_fwd", 7, 64, "bf16"): [("tuned H8/W8", {"BLOCK_H": 2, "BLOCK_W": 16, "num_warps": 4,
+                                                                     "num_stages": 2})]}
+    assert "NVIDIA H100 80GB HBM3" in notes[0]
+    configs = sasa_inspect._configs_for("local_fwd", "default", 7, 64, torch.bfloat16, 7, 7, table)
+    assert [source for source, _ in configs] == ["default", "tuned H8/W8"]
