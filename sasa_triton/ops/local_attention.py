@@ -528,10 +528,10 @@ def _bwd(q, k, v, rel_rows, rel_cols, y, lse, dy, kernel_size, dilation, scale, 
         per_head = drel.view(B, heads, -1, kernel_size, D).sum(dim=(0, 2))
         d_rows = D // 2
         drel_rows, drel_cols = per_head[..., :d_rows], per_head[..., d_rows:]
-        if rel_rows.dim() == 2:
-            drel_rows = drel_rows.sum(0)
-        if rel_cols.dim() == 2:
-            drel_cols = drel_cols.sum(0)
+        # Shared tables sum over heads; per-head ones are copied out of `per_head` (an op's
+        # outputs may not alias each other).
+        drel_rows = drel_rows.sum(0) if rel_rows.dim() == 2 else drel_rows.clone()
+        drel_cols = drel_cols.sum(0) if rel_cols.dim() == 2 else drel_cols.clone()
         drel_rows = drel_rows.to(rel_rows.dtype)
         drel_cols = drel_cols.to(rel_cols.dtype)
     return dq, dk, dv, drel_rows, drel_cols
@@ -598,7 +598,7 @@ def _local_attention2d_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, re
     dq, dk, dv, drel_rows, drel_cols = _bwd(q, k, v, rel_rows, rel_cols, y, lse, dy, kernel_size, dilation,
                                             scale, padding)
     if rel_rows is None:  # ops return tensors only: empty stand-ins, mapped back to None below
-        drel_rows = drel_cols = q.new_empty(0)
+        drel_rows, drel_cols = q.new_empty(0), q.new_empty(0)
     return dq, dk, dv, drel_rows, drel_cols
 
 
