@@ -84,6 +84,15 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return "triton"
 
 
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot input precision for the kernels: fp32 inputs follow torch's matmul precision
+    setting ("highest" -> exact "ieee" products); half inputs feed their fp32 side products (the
+    relative and mixture tables) through tf32, more precise than the inputs themselves."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"
+
+
 def check_kernel_dtype(name: str, t: torch.Tensor) -> None:
     if t.dtype not in KERNEL_DTYPES:
         raise TypeError(

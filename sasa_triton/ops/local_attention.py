@@ -25,7 +25,7 @@ import triton.language as tl
 
 from .. import tuning
 from .._library import autocast_inputs, define_op, is_fake, launchable
-from .._utils import check_kernel_dtype, check_local_attention_args, resolve_backend
+from .._utils import check_kernel_dtype, dot_precision, check_local_attention_args, resolve_backend
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -77,6 +77,68 @@ def _load_rel_tables(REL_ROWS, REL_COLS, head, stride_rrn, stride_rrt, stride_rr
 
 
 @triton.jit
+def _query_tile_window(q, q_col, col0, head, W, REL_ROWS, REL_COLS, stride_rrn, stride_rrt, stride_rrd,
+                       stride_rcn, stride_rct, stride_rcd,
+                       D: tl.constexpr, D_ROWS: tl.constexpr, KSIZE: tl.constexpr, DILATION: tl.constexpr,
+                       HAS_REL: tl.constexpr, DOT_PRECISION: tl.constexpr, KEY_W: tl.constexpr,
+                       KPAD: tl.constexpr, BLOCK_D: tl.constexpr):
+    """What a query tile needs for every key row: the haloed key columns, each query's window
+    column per key column, and the relative logits q.rel (rows per window row; columns already
+    gathered per key column, since they do not change from one key row to the next)."""
+    RADIUS: tl.constexpr = DILATION * (KSIZE // 2)
+    key_col = col0 - RADIUS + tl.arange(0, KEY_W)
+    key_col_in = (key_col >= 0) & (key_col < W)
+    col_offset = key_col[None, :] - q_col[:, None] + RADIUS  # (BLOCK_Q, KEY_W)
+    col_ok = (col_offset >= 0) & (col_offset <= 2 * RADIUS) & (col_offset % DILATION == 0)
+    col_index = tl.where(col_ok, col_offset // DILATION, -1)
+    rel_rows = tl.zeros((KPAD, BLOCK_D), dtype=tl.float32)
+    rel_cols = tl.zeros((KPAD, BLOCK_D), dtype=tl.float32)
+    row_logits = tl.zeros((q.shape[0], KPAD), dtype=tl.float32)
+    col_term = tl.zeros((q.shape[0], KEY_W), dtype=tl.float32)
+    if HAS_REL:
+        rel_rows, rel_cols = _load_rel_tables(REL_ROWS, REL_COLS, head, stride_rrn, stride_rrt, stride_rrd,
+                                              stride_rcn, stride_rct, stride_rcd, D, D_ROWS, KSIZE, KPAD, BLOCK_D)
+        q32 = q.to(tl.float32)
+        row_logits = tl.dot(q32, tl.trans(rel_rows), input_precision=DOT_PRECISION)  # (BLOCK_Q, KPAD)
+        col_logits = tl.dot(q32, tl.trans(rel_cols), input_precision=DOT_PRECISION)
+        col_term = _gather_columns(col_logits, col_index, KSIZE, KPAD)
+    return key_col, key_col_in, col_ok, col_index, rel_rows, rel_cols, row_logits, col_term
+
+
+@triton.jit
+def _key_row_logits(q, q_row, key_row, key_col, key_col_in, col_ok, row_logits, col_term, k_base, v_base,
+                    stride_kh, stride_kw, stride_kd, stride_vh, stride_vw, stride_vd, H,
+                    D: tl.constexpr, KSIZE: tl.constexpr, DILATION: tl.constexpr, HAS_REL: tl.constexpr,
+                    MASK_PADDING: tl.constexpr, DOT_PRECISION: tl.constexpr, KPAD: tl.constexpr,
+                    BLOCK_D: tl.constexpr):
+    """One haloed key row for a query tile: its K and V strips, the unscaled logits
+    q.k + q.rel (BLOCK_Q, KEY_W), which (query, key) pairs are in the window (and in the image
+    for padding="mask"), and each query's window row index for this key row."""
+    RADIUS: tl.constexpr = DILATION * (KSIZE // 2)
+    offs_d = tl.arange(0, BLOCK_D)
+    # A vector of the row, not a scalar: the interpreter turns (tensor & scalar bool) into ints.
+    key_rows = key_row + tl.zeros_like(key_col)
+    key_in = key_col_in & (key_rows >= 0) & (key_rows < H)
+    kv_mask = key_in[:, None] & (offs_d[None, :] < D)
+    kt = tl.load(k_base + key_row.to(tl.int64) * stride_kh + key_col[:, None] * stride_kw
+                 + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+    vt = tl.load(v_base + key_row.to(tl.int64) * stride_vh + key_col[:, None] * stride_vw
+                 + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+    logits = tl.dot(q, tl.trans(kt), input_precision=DOT_PRECISION)  # (BLOCK_Q, KEY_W)
+    row_offset = key_row - q_row + RADIUS
+    row_ok = (row_offset >= 0) & (row_offset <= 2 * RADIUS) & (row_offset % DILATION == 0)
+    row_index = row_offset // DILATION
+    if HAS_REL:
+        offs_t = tl.arange(0, KPAD)
+        row_term = tl.sum(tl.where(offs_t[None, :] == row_index[:, None], row_logits, 0.0), axis=1)
+        logits = logits + row_term[:, None] + col_term
+    valid = row_ok[:, None] & col_ok
+    if MASK_PADDING:
+        valid = valid & key_in[None, :]
+    return logits, valid, kt, vt, row_index
+
+
+@triton.jit
 def _local_attn_fwd_kernel(
     Q, K, V, REL_ROWS, REL_COLS, Y, LSE,
     stride_qb, stride_qh, stride_qw, stride_qn, stride_qd,
@@ -111,21 +173,9 @@ def _local_attn_fwd_kernel(
               + q_col[:, None] * stride_qw + offs_d[None, :] * stride_qd)
     q = tl.load(q_ptrs, mask=q_in[:, None] & d_ok[None, :], other=0.0)
 
-    # Key columns of the haloed strip and their window-column index per query; the same for
-    # every key row, so the column part of the relative logit is gathered once per tile.
-    key_col = col0 - RADIUS + tl.arange(0, KEY_W)
-    key_col_in = (key_col >= 0) & (key_col < W)
-    col_offset = key_col[None, :] - q_col[:, None] + RADIUS  # (BLOCK_Q, KEY_W)
-    col_ok = (col_offset >= 0) & (col_offset <= 2 * RADIUS) & (col_offset % DILATION == 0)
-    col_index = tl.where(col_ok, col_offset // DILATION, -1)
-    offs_t = tl.arange(0, KPAD)
-    if HAS_REL:
-        rel_rows, rel_cols = _load_rel_tables(REL_ROWS, REL_COLS, head, stride_rrn, stride_rrt, stride_rrd,
-                                              stride_rcn, stride_rct, stride_rcd, D, D_ROWS, KSIZE, KPAD, BLOCK_D)
-        q32 = q.to(tl.float32)
-        row_logits = tl.dot(q32, tl.trans(rel_rows), input_precision=DOT_PRECISION)  # (BLOCK_Q, KPAD)
-        col_logits = tl.dot(q32, tl.trans(rel_cols), input_precision=DOT_PRECISION)
-        col_term = _gather_columns(col_logits, col_index, KSIZE, KPAD)
+    key_col, key_col_in, col_ok, col_index, rel_rows, rel_cols, row_logits, col_term = _query_tile_window(
+        q, q_col, col0, head, W, REL_ROWS, REL_COLS, stride_rrn, stride_rrt, stride_rrd, stride_rcn, stride_rct,
+        stride_rcd, D, D_ROWS, KSIZE, DILATION, HAS_REL, DOT_PRECISION, KEY_W, KPAD, BLOCK_D)
 
     k_base = K + batch * stride_kb + head * stride_kn
     v_base = V + batch * stride_vb + head * stride_vn
@@ -133,26 +183,10 @@ def _local_attn_fwd_kernel(
     l_i = tl.zeros((BLOCK_Q,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_Q, BLOCK_D), dtype=tl.float32)
     for key_step in range(0, BLOCK_H + 2 * RADIUS):
-        key_row = row0 - RADIUS + key_step
-        # A vector of the row, not a scalar: the interpreter turns (tensor & scalar bool) into ints.
-        key_rows = key_row + tl.zeros_like(key_col)
-        key_in = key_col_in & (key_rows >= 0) & (key_rows < H)
-        kv_mask = key_in[:, None] & d_ok[None, :]
-        row_offset = (key_row.to(tl.int64) * stride_kh)
-        kt = tl.load(k_base + row_offset + key_col[:, None] * stride_kw + offs_d[None, :] * stride_kd,
-                     mask=kv_mask, other=0.0)
-        vt = tl.load(v_base + key_row.to(tl.int64) * stride_vh + key_col[:, None] * stride_vw
-                     + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
-        logits = tl.dot(q, tl.trans(kt), input_precision=DOT_PRECISION)  # (BLOCK_Q, KEY_W)
-        row_offset_q = key_row - q_row + RADIUS
-        row_ok = (row_offset_q >= 0) & (row_offset_q <= 2 * RADIUS) & (row_offset_q % DILATION == 0)
-        if HAS_REL:
-            row_index = row_offset_q // DILATION
-            row_term = tl.sum(tl.where(offs_t[None, :] == row_index[:, None], row_logits, 0.0), axis=1)
-            logits = logits + row_term[:, None] + col_term
-        valid = row_ok[:, None] & col_ok
-        if MASK_PADDING:
-            valid = valid & key_in[None, :]
+        logits, valid, kt, vt, row_index = _key_row_logits(
+            q, q_row, row0 - RADIUS + key_step, key_col, key_col_in, col_ok, row_logits, col_term, k_base, v_base,
+            stride_kh, stride_kw, stride_kd, stride_vh, stride_vw, stride_vd, H,
+            D, KSIZE, DILATION, HAS_REL, MASK_PADDING, DOT_PRECISION, KPAD, BLOCK_D)
         logits = tl.where(valid, logits * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(logits, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet stay at zero
@@ -219,19 +253,10 @@ def _local_attn_bwd_dq_kernel(
     lse2 = tl.load(LSE + stat_offsets, mask=q_in, other=0.0) * 1.4426950408889634
     qk_scale = scale * 1.4426950408889634
 
-    key_col = col0 - RADIUS + tl.arange(0, KEY_W)
-    key_col_in = (key_col >= 0) & (key_col < W)
-    col_offset = key_col[None, :] - q_col[:, None] + RADIUS
-    col_ok = (col_offset >= 0) & (col_offset <= 2 * RADIUS) & (col_offset % DILATION == 0)
-    col_index = tl.where(col_ok, col_offset // DILATION, -1)
+    key_col, key_col_in, col_ok, col_index, rel_rows, rel_cols, row_logits, col_term = _query_tile_window(
+        q, q_col, col0, head, W, REL_ROWS, REL_COLS, stride_rrn, stride_rrt, stride_rrd, stride_rcn, stride_rct,
+        stride_rcd, D, D_ROWS, KSIZE, DILATION, HAS_REL, DOT_PRECISION, KEY_W, KPAD, BLOCK_D)
     offs_t = tl.arange(0, KPAD)
-    if HAS_REL:
-        rel_rows, rel_cols = _load_rel_tables(REL_ROWS, REL_COLS, head, stride_rrn, stride_rrt, stride_rrd,
-                                              stride_rcn, stride_rct, stride_rcd, D, D_ROWS, KSIZE, KPAD, BLOCK_D)
-        q32 = q.to(tl.float32)
-        row_logits = tl.dot(q32, tl.trans(rel_rows), input_precision=DOT_PRECISION)
-        col_logits = tl.dot(q32, tl.trans(rel_cols), input_precision=DOT_PRECISION)
-        col_term = _gather_columns(col_logits, col_index, KSIZE, KPAD)
 
     k_base = K + batch * stride_kb + head * stride_kn
     v_base = V + batch * stride_vb + head * stride_vn
@@ -239,25 +264,11 @@ def _local_attn_bwd_dq_kernel(
     row_coef = tl.zeros((BLOCK_Q, KPAD), dtype=tl.float32)  # sum of dlogit per window row
     col_dlogits = tl.zeros((BLOCK_Q, KEY_W), dtype=tl.float32)  # dlogit summed over key rows
     for key_step in range(0, BLOCK_H + 2 * RADIUS):
-        key_row = row0 - RADIUS + key_step
-        # A vector of the row, not a scalar: the interpreter turns (tensor & scalar bool) into ints.
-        key_rows = key_row + tl.zeros_like(key_col)
-        key_in = key_col_in & (key_rows >= 0) & (key_rows < H)
-        kv_mask = key_in[:, None] & d_ok[None, :]
-        kt = tl.load(k_base + key_row.to(tl.int64) * stride_kh + key_col[:, None] * stride_kw
-                     + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
-        vt = tl.load(v_base + key_row.to(tl.int64) * stride_vh + key_col[:, None] * stride_vw
-                     + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
-        logits = tl.dot(q, tl.trans(kt), input_precision=DOT_PRECISION)
-        row_offset_q = key_row - q_row + RADIUS
-        row_ok = (row_offset_q >= 0) & (row_offset_q <= 2 * RADIUS) & (row_offset_q % DILATION == 0)
-        row_index = row_offset_q // DILATION
-        if HAS_REL:
-            row_term = tl.sum(tl.where(offs_t[None, :] == row_index[:, None], row_logits, 0.0), axis=1)
-            logits = logits + row_term[:, None] + col_term
-        valid = row_ok[:, None] & col_ok & q_in[:, None]
-        if MASK_PADDING:
-            valid = valid & key_in[None, :]
+        logits, valid, kt, vt, row_index = _key_row_logits(
+            q, q_row, row0 - RADIUS + key_step, key_col, key_col_in, col_ok, row_logits, col_term, k_base, v_base,
+            stride_kh, stride_kw, stride_kd, stride_vh, stride_vw, stride_vd, H,
+            D, KSIZE, DILATION, HAS_REL, MASK_PADDING, DOT_PRECISION, KPAD, BLOCK_D)
+        valid = valid & q_in[:, None]
         p = tl.where(valid, tl.exp2(logits * qk_scale - lse2[:, None]), 0.0)
         dp = tl.dot(dy, tl.trans(vt), input_precision=DOT_PRECISION)
         dlogits = p * (dp - delta[:, None])  # gradient of the scaled logit
@@ -277,8 +288,8 @@ def _local_attn_bwd_dq_kernel(
         dq += tl.dot(col_coef, rel_cols, input_precision=DOT_PRECISION)
         # Partial gradients of the tables for this tile: drel[t, :Dr] = sum_q row_coef[q, t] q[q, :Dr]
         # (and the column half likewise); torch sums the tiles, so no atomics are needed.
-        drel_rows = tl.dot(tl.trans(row_coef), q32, input_precision=DOT_PRECISION)
-        drel_cols = tl.dot(tl.trans(col_coef), q32, input_precision=DOT_PRECISION)
+        drel_rows = tl.dot(tl.trans(row_coef), q.to(tl.float32), input_precision=DOT_PRECISION)
+        drel_cols = tl.dot(tl.trans(col_coef), q.to(tl.float32), input_precision=DOT_PRECISION)
         drel = tl.where(offs_d[None, :] < D_ROWS, drel_rows, drel_cols) * scale
         drel_ptrs = DREL + pid.to(tl.int64) * KSIZE * D + offs_t[:, None] * D + offs_d[None, :]
         tl.store(drel_ptrs, drel, mask=(offs_t[:, None] < KSIZE) & d_ok[None, :])
@@ -386,14 +397,6 @@ def _local_attn_bwd_dkdv_kernel(
 # Launchers
 # ----------------------------------------------------------------------------------------------
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 inputs follow torch's matmul precision setting; half inputs feed the fp32 side dots
-    # (relative tables) through tf32, which is more precise than the inputs themselves.
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
-        return "ieee"
-    return "tf32"
-
-
 def _rel_args(rel_rows, rel_cols, q):
     """Tables and their (head, tap, channel) strides; stride 0 over heads when shared."""
     if rel_rows is None:
@@ -409,7 +412,7 @@ def _meta(q, kernel_size, dilation, padding, has_rel, config, halo_name):
     head_dim = q.shape[-1]
     return dict(
         D=head_dim, D_ROWS=head_dim // 2, KSIZE=kernel_size, DILATION=dilation, HAS_REL=int(has_rel),
-        MASK_PADDING=int(padding == "mask"), DOT_PRECISION=_dot_precision(q.dtype),
+        MASK_PADDING=int(padding == "mask"), DOT_PRECISION=dot_precision(q.dtype),
         BLOCK_H=config["BLOCK_H"], BLOCK_W=config["BLOCK_W"],
         KPAD=max(16, tuning.next_power_of_2(kernel_size)),
         BLOCK_D=max(16, tuning.next_power_of_2(head_dim)),

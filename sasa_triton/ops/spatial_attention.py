@@ -27,7 +27,7 @@ import triton.language as tl
 
 from .. import tuning
 from .._library import autocast_inputs, define_op, is_fake, launchable
-from .._utils import check_kernel_dtype, check_spatial_attention_args, resolve_backend
+from .._utils import check_kernel_dtype, dot_precision, check_spatial_attention_args, resolve_backend
 
 LOG2E = 1.4426950408889634
 
@@ -478,13 +478,6 @@ def _spatial_bwd_dkdv_kernel(
 # Launchers
 # ----------------------------------------------------------------------------------------------
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 inputs follow torch's matmul precision setting ("highest" -> exact fp32 products).
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
-        return "ieee"
-    return "tf32"
-
-
 def _config(kernel, q, block_size, window, run=None):
     """The launch config of `kernel` ("fwd", "bwd_dq", "bwd_dkdv") under the tuning name
     f"spatial_{window}_{kernel}" (kernel_size = block_size, dilation = 1); `run(config)` launches
@@ -508,7 +501,7 @@ def _meta(q, M, block_size, window, padding, config):
             raise ValueError(f"{name} = {size} must be a power of two >= 16 (tl.dot); config {config}")
     D = q.shape[-1]
     return dict(D=D, BS=block_size, M=M, WINDOW=int(window == "sliding"), MASK_PADDING=int(padding == "mask"),
-                DOT_PRECISION=_dot_precision(q.dtype), BLOCK_D=max(16, tuning.next_power_of_2(D)),
+                DOT_PRECISION=dot_precision(q.dtype), BLOCK_D=max(16, tuning.next_power_of_2(D)),
                 num_warps=config["num_warps"], num_stages=config["num_stages"], **tile)
 
 
