@@ -287,6 +287,131 @@ register_family("local", module=f"{__package__}.ops.local_attention", space=_loc
                 estimate=_local_estimate)
 
 
+# Candidate space of the stem's kernels (ops/spatial_attention.py, "spatial_{block|sliding}_*";
+# kernel_size = the block size bs). Block window: a tile is GROUP whole bs x bs blocks of a block
+# row (GROUP * bs^2 pixels), walked in BLOCK_M (stationary) x BLOCK_N (streamed) pixel chunks.
+# Sliding window: BLOCK_H x BLOCK_W tiles, keys streamed as haloed rows of
+# BLOCK_N = next_power_of_2(BLOCK_W + bs - 1) (>= 16) pixels. The dk/dv kernels also take
+# TILES_PER_PROGRAM (tiles walked per program: fewer partial dmix rows against fewer programs).
+STEM_CHUNKS = (16, 32, 64, 128)        # BLOCK_M, BLOCK_N (powers of two >= 16: tl.dot)
+STEM_QUERY_TILES = (16, 32, 64, 128)   # sliding: BLOCK_H * BLOCK_W
+STEM_WIDTHS = (4, 8, 16, 32)
+STEM_TILES_PER_PROGRAM = (2, 8, 32)
+STEM_NUM_WARPS = (4, 8)
+STEM_MAX_PAIRS = 64 * 128                # BLOCK_M * BLOCK_N: the logit tile
+STEM_NUM_STAGES = (1, 2)  # the block window's key loop is 1-2 chunks long: deeper pipelines idle
+
+
+def _stem_groups(block_size: int, width_bucket: int) -> list[int]:
+    """Blocks per tile: the most whole blocks that fill each chunk size (GROUP * bs^2 <= chunk),
+    no more blocks side by side than the image holds (beyond one)."""
+    groups = {max(1, chunk // (block_size * block_size)) for chunk in STEM_CHUNKS}
+    fitting = [g for g in sorted(groups) if g == 1 or g * block_size <= max(width_bucket, block_size)]
+    return fitting
+
+
+def _stem_sliding_widths(block_size: int, width_bucket: int) -> list[int]:
+    """As _local_widths for a bs-wide window (haloed row BLOCK_W + bs - 1): the widest tile per
+    padded key-row width, no wider than the image (bucket)."""
+    widths = [w for w in STEM_WIDTHS if w <= max(width_bucket, STEM_WIDTHS[0])]
+    by_halo = {}
+    for w in widths:
+        by_halo[max(16, next_power_of_2(w + block_size - 1))] = w
+    return [w for _, w in sorted(by_halo.items())]
+
+
+def _stem_launches(kernel, dtype, tile_pixels):
+    """(num_warps, num_stages) pairs for a tile of tile_pixels stationary pixels: 8 warps only where
+    a dot gives each of them at least half its rows (as _local_space)."""
+    for num_warps, num_stages in itertools.product(STEM_NUM_WARPS, STEM_NUM_STAGES):
+        if num_warps > 4 and tile_pixels < _rows_per_warp(dtype) * num_warps // 2:
+            continue
+        yield num_warps, num_stages
+
+
+def _spatial_space(kernel, kernel_size, dilation, head_dim, dtype, height_bucket, width_bucket):
+    """Tiles per block size and window: see STEM_* above. The forward and dq kernels keep the
+    default's TILES_PER_PROGRAM (they ignore it)."""
+    bs = kernel_size
+    default = default_config(kernel, kernel_size, dilation, head_dim, dtype)
+    dkdv = kernel.endswith("dkdv")
+    per_program = STEM_TILES_PER_PROGRAM if dkdv else (default["TILES_PER_PROGRAM"],)
+    if "_block_" in kernel:
+        for group in _stem_groups(bs, width_bucket):
+            pixels = group * bs * bs
+            chunks = [c for c in STEM_CHUNKS if c <= max(16, next_power_of_2(pixels))]
+            for block_m, block_n in itertools.product(chunks, chunks):
+                if max(block_m, block_n) > 2 * min(block_m, block_n) or block_m * block_n > STEM_MAX_PAIRS:
+                    continue  # lopsided chunks: one side's dot is mostly padding or the loop runs long
+                for num_warps, num_stages in _stem_launches(kernel, dtype, block_m):
+                    for tiles in per_program:
+                        yield {"GROUP": group, "BLOCK_M": block_m, "BLOCK_N": block_n, "TILES_PER_PROGRAM": tiles,
+                               "num_warps": num_warps, "num_stages": num_stages}
+        return
+    for block_w in _stem_sliding_widths(bs, width_bucket):
+        for tile in STEM_QUERY_TILES:
+            block_h = tile // block_w
+            if block_h < 1 or (block_h > height_bucket and tile > 16):
+                continue
+            for num_warps, num_stages in _stem_launches(kernel, dtype, tile):
+                for tiles in per_program:
+                    yield {"BLOCK_H": block_h, "BLOCK_W": block_w, "TILES_PER_PROGRAM": tiles,
+                           "num_warps": num_warps, "num_stages": num_stages}
+
+
+# Resource model of the stem's kernels, fitted to ptxas -v on sm_90 (Triton 3.9; ~700 compiled
+# configs: a random sample of the unpruned spaces at bs 2/3/4/5/8, D 16/64, bf16/fp32, and the
+# defaults; the sliding dk/dv kernel, the slowest to compile, from ~45) in the local model's form:
+#   registers ~ (24 + (a * BQ * BLOCK_D + b * BQ * BLOCK_N + e * BQ * ABPAD) / threads)
+#               * (1 + 0.05 * (num_stages - 1))
+# with BQ the stationary pixels (BLOCK_M, or BLOCK_H * BLOCK_W), BLOCK_N the streamed ones (the
+# haloed key row for the sliding window), ABPAD = next_power_of_2(bs^2) (the dk/dv kernel's
+# one-hot dmix reduction) and threads = 32 * min(num_warps, BQ / R) as for the local kernels.
+# (a, b, e) is the non-negative least-squares fit to the configs that did not spill, scaled up
+# until every config that spilled under register pressure (at the 255 cap, or more than 64
+# bytes) is estimated at 248 or more, i.e. 24 over REGISTER_BUDGET. Not modelled: ptxas's own
+# occupancy trade, where it stops at 72-168 registers and spills a few words (<= 128 bytes) of a
+# kernel that would fit in more; the defaults do it too (tests/test_autotune_stem.py allows it).
+# Shared memory (bytes, an upper bound of every compiled config, within 0.9 of it at most):
+#   element bytes * (2 * BQ * BLOCK_D + 2 * num_stages * BLOCK_N * BLOCK_D + 2 * BQ * BLOCK_N)
+#   + 4 * BLOCK_N * BLOCK_D
+SPATIAL_REGISTER_MODEL = {  # kernel: {fp32 inputs?: (a, b, e)}
+    "spatial_block_fwd": {False: (2.0, 1.75, 0.0), True: (11.25, 3.0, 0.0)},
+    "spatial_block_bwd_dq": {False: (1.5, 2.0, 0.0), True: (12.75, 5.0, 0.0)},
+    "spatial_block_bwd_dkdv": {False: (2.75, 4.25, 0.75), True: (9.75, 16.0, 0.75)},
+    "spatial_sliding_fwd": {False: (2.25, 6.0, 0.0), True: (5.75, 8.25, 0.0)},
+    "spatial_sliding_bwd_dq": {False: (2.0, 6.0, 0.0), True: (10.25, 12.0, 0.0)},
+    "spatial_sliding_bwd_dkdv": {False: (2.75, 11.0, 2.0), True: (2.5, 24.75, 0.0)},
+}
+
+
+def _spatial_tile(kernel, config, kernel_size) -> tuple[int, int]:
+    """(stationary pixels, streamed pixels) of a stem kernel's tile, as its launcher's _meta."""
+    if "_block_" in kernel:
+        return config["BLOCK_M"], config["BLOCK_N"]
+    return config["BLOCK_H"] * config["BLOCK_W"], max(16, next_power_of_2(config["BLOCK_W"] + kernel_size - 1))
+
+
+def _spatial_estimate(kernel, config, kernel_size, dilation, head_dim, dtype) -> dict:
+    """Registers per thread and shared memory of a stem kernel (model above)."""
+    tile, streamed = _spatial_tile(kernel, config, kernel_size)
+    block_d = max(16, next_power_of_2(head_dim))
+    abpad = next_power_of_2(kernel_size * kernel_size)
+    threads = 32 * min(config["num_warps"], max(1, tile // _rows_per_warp(dtype)))
+    stages = config.get("num_stages", 1)
+    model = SPATIAL_REGISTER_MODEL.get(kernel, SPATIAL_REGISTER_MODEL["spatial_block_bwd_dkdv"])
+    a, b, e = model[dtype == torch.float32]
+    registers = (REGISTER_BASE + tile / threads * (a * block_d + b * streamed + e * abpad))
+    registers *= 1 + STAGE_REGISTER_FACTOR * (stages - 1)
+    shared = (_element_bytes(dtype) * (2 * tile * block_d + 2 * stages * streamed * block_d + 2 * tile * streamed)
+              + 4 * streamed * block_d)
+    return {"registers": int(registers), "shared_mem": int(shared)}
+
+
+register_family("spatial", module=f"{__package__}.ops.spatial_attention", space=_spatial_space,
+                estimate=_spatial_estimate)
+
+
 # ----------------------------------------------------------------------------------------------
 # Candidates: the space, pruned by the resource estimate
 # ----------------------------------------------------------------------------------------------
