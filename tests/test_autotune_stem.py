@@ -79,9 +79,10 @@ def test_config_space_valid_for_every_block_size(block_size):
                     kept = tuning.candidate_configs(kernel, block_size, 1, head_dim, dtype, H, W, limits=LIMITS)
                     default = tuning.default_config(kernel, block_size, 1, head_dim, dtype)
                     assert kept[0] == default and space[0] == default, where
-                    # The paper's range leaves something to tune (fp32 may leave only the default,
-                    # and the sliding dk/dv kernel, the heaviest, at D > 32 too).
-                    heavy = kernel == "spatial_sliding_bwd_dkdv" and head_dim > 32
+                    # The paper's range leaves something to tune (fp32 may leave only the default;
+                    # the dk/dv kernels, under their lower register budget, are only required to
+                    # at the paper's stem: 4x4 blocks, D <= 16).
+                    heavy = kernel.endswith("dkdv") and not (block_size == 4 and head_dim <= 16)
                     if dtype != torch.float32 and head_dim <= 64 and min(H, W) >= 8 and not heavy:
                         assert len(kept) > 1, f"nothing to tune beyond the default: {where}"
                     for config in space:
@@ -136,8 +137,6 @@ for kernel, bs, D, dtype_name, config in json.loads(sys.argv[1]):
 """
 
 
-OCCUPANCY_SPILL_BYTES = 128
-
 
 def riskiest(kernel, bs, D, dtype, count=1):
     kept = tuning.candidate_configs(kernel, bs, 1, D, dtype, 224, 224, limits=LIMITS)[1:]
@@ -166,9 +165,7 @@ def test_pruned_candidates_compile_for_sm90_without_spills():
                  f"{r['registers']} registers (estimated {r['estimate']['registers']}), "
                  f"{r['shared_mem']} B shared (estimated {r['estimate']['shared_mem']})")
         spill = r["spill_stores"] + r["spill_loads"]
-        # Register pressure: spills at the cap, or more than a few words. Below the cap ptxas may
-        # trade a few spilled words for occupancy (72-168 registers); the defaults do it too.
-        if spill and (r["registers"] >= 240 or spill > OCCUPANCY_SPILL_BYTES):
+        if spill:
             failures.append(f"spills {spill} B: {where}")
         if r["shared_mem"] > min(tuning.SM90_SHARED_MEM, r["estimate"]["shared_mem"]):
             failures.append(f"shared memory over the estimate: {where}")
