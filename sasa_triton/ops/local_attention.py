@@ -77,6 +77,32 @@ def _load_rel_tables(REL_ROWS, REL_COLS, head, stride_rrn, stride_rrt, stride_rr
 
 
 @triton.jit
+def _program_tile(n_tiles, n_tiles_w, heads, H, W, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+    """This program's (batch, head) and BLOCK_H x BLOCK_W pixel tile: neighbouring programs take
+    neighbouring tiles of one image and head, so their haloes meet in L2."""
+    pid = tl.program_id(0)
+    batch_head = pid // n_tiles
+    tile = pid % n_tiles
+    row0 = (tile // n_tiles_w) * BLOCK_H
+    col0 = (tile % n_tiles_w) * BLOCK_W
+    offs = tl.arange(0, BLOCK_H * BLOCK_W)
+    rows = row0 + offs // BLOCK_W
+    cols = col0 + offs % BLOCK_W
+    inside = (rows < H) & (cols < W)
+    return pid, batch_head, (batch_head // heads).to(tl.int64), batch_head % heads, row0, col0, rows, cols, inside
+
+
+@triton.jit
+def _tile_ptrs(BASE, batch, head, rows, cols, stride_b, stride_h, stride_w, stride_n, stride_d,
+               BLOCK_D: tl.constexpr):
+    """Pointers to the (pixels, channels) block of a (B, H, W, heads, D) tensor; int64 offsets
+    for the batch and row terms (a batch of large images passes 2**31 elements)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    return (BASE + batch * stride_b + head * stride_n + rows.to(tl.int64)[:, None] * stride_h
+            + cols[:, None] * stride_w + offs_d[None, :] * stride_d)
+
+
+@triton.jit
 def _query_tile_window(q, q_col, col0, head, W, REL_ROWS, REL_COLS, stride_rrn, stride_rrt, stride_rrd,
                        stride_rcn, stride_rct, stride_rcd,
                        D: tl.constexpr, D_ROWS: tl.constexpr, KSIZE: tl.constexpr, DILATION: tl.constexpr,
@@ -154,24 +180,14 @@ def _local_attn_fwd_kernel(
 ):
     RADIUS: tl.constexpr = DILATION * (KSIZE // 2)
     BLOCK_Q: tl.constexpr = BLOCK_H * BLOCK_W
-    pid = tl.program_id(0)
-    batch_head = pid // n_tiles
-    tile = pid % n_tiles
-    batch = (batch_head // heads).to(tl.int64)
-    head = batch_head % heads
-    row0 = (tile // n_tiles_w) * BLOCK_H
-    col0 = (tile % n_tiles_w) * BLOCK_W
-
-    offs_q = tl.arange(0, BLOCK_Q)
-    q_row = row0 + offs_q // BLOCK_W
-    q_col = col0 + offs_q % BLOCK_W
-    q_in = (q_row < H) & (q_col < W)
+    pid, batch_head, batch, head, row0, col0, q_row, q_col, q_in = _program_tile(
+        n_tiles, n_tiles_w, heads, H, W, BLOCK_H, BLOCK_W)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
 
-    q_ptrs = (Q + batch * stride_qb + head * stride_qn + q_row.to(tl.int64)[:, None] * stride_qh
-              + q_col[:, None] * stride_qw + offs_d[None, :] * stride_qd)
-    q = tl.load(q_ptrs, mask=q_in[:, None] & d_ok[None, :], other=0.0)
+    q_mask = q_in[:, None] & d_ok[None, :]
+    q = tl.load(_tile_ptrs(Q, batch, head, q_row, q_col, stride_qb, stride_qh, stride_qw, stride_qn, stride_qd,
+                           BLOCK_D), mask=q_mask, other=0.0)
 
     key_col, key_col_in, col_ok, col_index, rel_rows, rel_cols, row_logits, col_term = _query_tile_window(
         q, q_col, col0, head, W, REL_ROWS, REL_COLS, stride_rrn, stride_rrt, stride_rrd, stride_rcn, stride_rct,
@@ -198,9 +214,8 @@ def _local_attn_fwd_kernel(
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     y = acc / l_safe[:, None]
-    y_ptrs = (Y + batch * stride_yb + head * stride_yn + q_row.to(tl.int64)[:, None] * stride_yh
-              + q_col[:, None] * stride_yw + offs_d[None, :] * stride_yd)
-    tl.store(y_ptrs, y.to(Y.dtype.element_ty), mask=q_in[:, None] & d_ok[None, :])
+    tl.store(_tile_ptrs(Y, batch, head, q_row, q_col, stride_yb, stride_yh, stride_yw, stride_yn, stride_yd,
+                        BLOCK_D), y.to(Y.dtype.element_ty), mask=q_mask)
     # Natural-log LSE of the scaled logits; m_i is in log2 units.
     lse = (m_i + tl.log2(l_safe)) * 0.6931471805599453
     lse_ptrs = LSE + batch_head.to(tl.int64) * H * W + q_row * W + q_col
@@ -225,28 +240,17 @@ def _local_attn_bwd_dq_kernel(
 ):
     RADIUS: tl.constexpr = DILATION * (KSIZE // 2)
     BLOCK_Q: tl.constexpr = BLOCK_H * BLOCK_W
-    pid = tl.program_id(0)
-    batch_head = pid // n_tiles
-    tile = pid % n_tiles
-    batch = (batch_head // heads).to(tl.int64)
-    head = batch_head % heads
-    row0 = (tile // n_tiles_w) * BLOCK_H
-    col0 = (tile % n_tiles_w) * BLOCK_W
-
-    offs_q = tl.arange(0, BLOCK_Q)
-    q_row = row0 + offs_q // BLOCK_W
-    q_col = col0 + offs_q % BLOCK_W
-    q_in = (q_row < H) & (q_col < W)
+    pid, batch_head, batch, head, row0, col0, q_row, q_col, q_in = _program_tile(
+        n_tiles, n_tiles_w, heads, H, W, BLOCK_H, BLOCK_W)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     q_mask = q_in[:, None] & d_ok[None, :]
-    q_row64 = q_row.to(tl.int64)[:, None]
-    q = tl.load(Q + batch * stride_qb + head * stride_qn + q_row64 * stride_qh + q_col[:, None] * stride_qw
-                + offs_d[None, :] * stride_qd, mask=q_mask, other=0.0)
-    dy = tl.load(DY + batch * stride_dyb + head * stride_dyn + q_row64 * stride_dyh + q_col[:, None] * stride_dyw
-                 + offs_d[None, :] * stride_dyd, mask=q_mask, other=0.0)
-    y = tl.load(Y + batch * stride_yb + head * stride_yn + q_row64 * stride_yh + q_col[:, None] * stride_yw
-                + offs_d[None, :] * stride_yd, mask=q_mask, other=0.0)
+    q = tl.load(_tile_ptrs(Q, batch, head, q_row, q_col, stride_qb, stride_qh, stride_qw, stride_qn, stride_qd,
+                           BLOCK_D), mask=q_mask, other=0.0)
+    dy = tl.load(_tile_ptrs(DY, batch, head, q_row, q_col, stride_dyb, stride_dyh, stride_dyw, stride_dyn,
+                            stride_dyd, BLOCK_D), mask=q_mask, other=0.0)
+    y = tl.load(_tile_ptrs(Y, batch, head, q_row, q_col, stride_yb, stride_yh, stride_yw, stride_yn, stride_yd,
+                           BLOCK_D), mask=q_mask, other=0.0)
     delta = tl.sum(dy.to(tl.float32) * y.to(tl.float32), axis=1)
     stat_offsets = batch_head.to(tl.int64) * H * W + q_row * W + q_col
     tl.store(DELTA + stat_offsets, delta, mask=q_in)
@@ -295,8 +299,8 @@ def _local_attn_bwd_dq_kernel(
         tl.store(drel_ptrs, drel, mask=(offs_t[:, None] < KSIZE) & d_ok[None, :])
 
     dq = dq * scale
-    tl.store(DQ + batch * stride_dqb + head * stride_dqn + q_row64 * stride_dqh + q_col[:, None] * stride_dqw
-             + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=q_mask)
+    tl.store(_tile_ptrs(DQ, batch, head, q_row, q_col, stride_dqb, stride_dqh, stride_dqw, stride_dqn,
+                        stride_dqd, BLOCK_D), dq.to(DQ.dtype.element_ty), mask=q_mask)
 
 
 @triton.jit
@@ -318,26 +322,15 @@ def _local_attn_bwd_dkdv_kernel(
     # Key-stationary: a tile of keys walks the haloed query rows that can see it.
     RADIUS: tl.constexpr = DILATION * (KSIZE // 2)
     BLOCK_K: tl.constexpr = BLOCK_H * BLOCK_W
-    pid = tl.program_id(0)
-    batch_head = pid // n_tiles
-    tile = pid % n_tiles
-    batch = (batch_head // heads).to(tl.int64)
-    head = batch_head % heads
-    row0 = (tile // n_tiles_w) * BLOCK_H
-    col0 = (tile % n_tiles_w) * BLOCK_W
-
-    offs_k = tl.arange(0, BLOCK_K)
-    k_row = row0 + offs_k // BLOCK_W
-    k_col = col0 + offs_k % BLOCK_W
-    k_in = (k_row < H) & (k_col < W)
+    pid, batch_head, batch, head, row0, col0, k_row, k_col, k_in = _program_tile(
+        n_tiles, n_tiles_w, heads, H, W, BLOCK_H, BLOCK_W)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     k_mask = k_in[:, None] & d_ok[None, :]
-    k_row64 = k_row.to(tl.int64)[:, None]
-    kt = tl.load(K + batch * stride_kb + head * stride_kn + k_row64 * stride_kh + k_col[:, None] * stride_kw
-                 + offs_d[None, :] * stride_kd, mask=k_mask, other=0.0)
-    vt = tl.load(V + batch * stride_vb + head * stride_vn + k_row64 * stride_vh + k_col[:, None] * stride_vw
-                 + offs_d[None, :] * stride_vd, mask=k_mask, other=0.0)
+    kt = tl.load(_tile_ptrs(K, batch, head, k_row, k_col, stride_kb, stride_kh, stride_kw, stride_kn, stride_kd,
+                            BLOCK_D), mask=k_mask, other=0.0)
+    vt = tl.load(_tile_ptrs(V, batch, head, k_row, k_col, stride_vb, stride_vh, stride_vw, stride_vn, stride_vd,
+                            BLOCK_D), mask=k_mask, other=0.0)
 
     query_col = col0 - RADIUS + tl.arange(0, QUERY_W)
     query_col_in = (query_col >= 0) & (query_col < W)
@@ -387,10 +380,10 @@ def _local_attn_bwd_dkdv_kernel(
         dk += tl.dot(dlogits.to(q.dtype), q, input_precision=DOT_PRECISION)
 
     dk = dk * scale
-    tl.store(DK + batch * stride_dkb + head * stride_dkn + k_row64 * stride_dkh + k_col[:, None] * stride_dkw
-             + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=k_mask)
-    tl.store(DV + batch * stride_dvb + head * stride_dvn + k_row64 * stride_dvh + k_col[:, None] * stride_dvw
-             + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), mask=k_mask)
+    tl.store(_tile_ptrs(DK, batch, head, k_row, k_col, stride_dkb, stride_dkh, stride_dkw, stride_dkn,
+                        stride_dkd, BLOCK_D), dk.to(DK.dtype.element_ty), mask=k_mask)
+    tl.store(_tile_ptrs(DV, batch, head, k_row, k_col, stride_dvb, stride_dvh, stride_dvw, stride_dvn,
+                        stride_dvd, BLOCK_D), dv.to(DV.dtype.element_ty), mask=k_mask)
 
 
 # ----------------------------------------------------------------------------------------------
