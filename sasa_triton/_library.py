@@ -52,6 +52,18 @@ def is_fake(t: torch.Tensor) -> bool:
     return torch._guards.detect_fake_mode((t,)) is not None
 
 
+def attention_outputs(q: torch.Tensor, y=None, lse=None):
+    """The forward outputs of an attention op with queries q (B, H, W, heads, D): y, contiguous
+    like q, and one fp32 log-sum-exp per (pixel, head) as (B, heads, H, W). Given buffers (the
+    tests poison them) are returned as they are."""
+    B, H, W, heads, _ = q.shape
+    if y is None:
+        y = torch.empty_like(q, memory_format=torch.contiguous_format)
+    if lse is None:
+        lse = q.new_empty((B, heads, H, W), dtype=torch.float32)
+    return y, lse
+
+
 def autocast_inputs(*tensors):
     """Under autocast, float32 activations go to the autocast dtype (the relative tables, being
     parameters, stay as they are: the kernels read them in fp32)."""

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from .. import tuning
-from .._library import autocast_inputs, define_op, is_fake, launchable
+from .._library import attention_outputs, autocast_inputs, define_op, is_fake, launchable
 from .._utils import check_kernel_dtype, dot_precision, check_spatial_attention_args, resolve_backend
 
 LOG2E = 1.4426950408889634
@@ -566,11 +566,7 @@ def _fwd(q, k, values, mix, block_size, scale, window, padding, y=None, lse=None
 
     `y`/`lse` may be passed in (the tests poison them to prove every element is written).
     """
-    B, H, W, heads, D = q.shape
-    if y is None:
-        y = torch.empty_like(q, memory_format=torch.contiguous_format)
-    if lse is None:
-        lse = torch.empty((B, heads, H, W), device=q.device, dtype=torch.float32)
+    y, lse = attention_outputs(q, y, lse)
     if y.numel() == 0:
         return y, lse
 
@@ -628,9 +624,7 @@ def _spatial_attention2d_fwd(q: torch.Tensor, k: torch.Tensor, values: torch.Ten
 
 @_spatial_attention2d_fwd.register_fake
 def _(q, k, values, mix, block_size, scale, window, padding):
-    B, H, W, heads, _ = q.shape
-    y = torch.empty_like(q, memory_format=torch.contiguous_format)
-    return y, q.new_empty((B, heads, H, W), dtype=torch.float32)
+    return attention_outputs(q)
 
 
 @define_op("sasa_triton::spatial_attention2d_bwd")
