@@ -115,28 +115,123 @@ def ptxas_report(ptx: str, arch: int = 90) -> dict:
     }
 
 
-def sass_tensor_core_counts(cubin: bytes) -> dict:
-    """Counts of tensor-core instructions in the cubin's SASS (HGMMA: Hopper wgmma; HMMA: mma.sync)."""
+def dump_sass(cubin: bytes) -> str | None:
+    """cuobjdump --dump-sass of the cubin, or None without cuobjdump."""
     exe = _tool("cuobjdump")
     if exe is None:
-        return {"HGMMA": None, "HMMA": None}
+        return None
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "k.cubin")
         with open(path, "wb") as f:
             f.write(cubin)
         proc = subprocess.run([exe, "--dump-sass", path], capture_output=True, text=True)
-    sass = proc.stdout
+    if proc.returncode != 0:
+        raise RuntimeError(f"cuobjdump failed: {proc.stderr.strip()[-500:]}")
+    return proc.stdout
+
+
+def sass_tensor_core_counts(sass: str | None) -> dict:
+    """Counts of tensor-core instructions in SASS (HGMMA: Hopper wgmma; HMMA: mma.sync)."""
+    if sass is None:
+        return {"HGMMA": None, "HMMA": None}
     return {"HGMMA": len(re.findall(r"\bHGMMA\b", sass)), "HMMA": len(re.findall(r"\bHMMA\b", sass))}
 
 
+SASS_INSTRUCTION = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+([^;]*);", re.M)
+SASS_BRANCH = re.compile(r"\b(?:BRA|JMP)\b.*\b0x([0-9a-f]+)\s*$")  # the target is the last operand
+
+
+def sass_instruction_profile(sass_or_cubin) -> dict:
+    """Static SASS instruction counts of a kernel: in total, per loop, and outside its hot loop.
+
+    A loop is a backward branch (BRA to an address at or before its own; several back edges to
+    one target are one loop, up to the last of them). Loops inside another loop are nested; the
+    hot loop is the outermost loop with the most instructions. Counts are static: every
+    instruction counts once, branches inside a loop body as if every path were taken, inner loops
+    once per iteration of the loop around them. The end-of-code `BRA self` and the NOP padding
+    after it are left out.
+
+    Returns {"total", "loops": [{"start", "end", "instructions", "depth"}] (in address order, depth
+    0 outermost), "hot_loop" (index into loops, or None), "body" (instructions of the hot loop),
+    "outside" (total - body)}.
+    """
+    sass = dump_sass(sass_or_cubin) if isinstance(sass_or_cubin, (bytes, bytearray)) else sass_or_cubin
+    if sass is None:
+        raise RuntimeError("no cuobjdump: cannot read the SASS (the triton wheel ships one for the NVIDIA backend)")
+    functions = re.split(r"^\s*Function : ", sass, flags=re.M)
+    if len(functions) != 2:
+        raise ValueError(f"expected the SASS of one kernel function, found {len(functions) - 1}")
+    addresses, back_edges = [], {}
+    for match in SASS_INSTRUCTION.finditer(functions[1]):
+        address, text = int(match.group(1), 16), match.group(2).strip()
+        branch = SASS_BRANCH.search(text)
+        target = int(branch.group(1), 16) if branch else None
+        if target == address and not text.startswith("@"):
+            break  # the trap at the end of the code; NOP padding follows
+        addresses.append(address)
+        if target is not None and target <= address:
+            back_edges[target] = max(back_edges.get(target, address), address)
+    spans = sorted(back_edges.items())
+
+    def count(start, end):
+        return sum(start <= a <= end for a in addresses)
+
+    loops = []
+    for start, end in spans:
+        depth = sum(s <= start and end <= e and (s, e) != (start, end) for s, e in spans)
+        loops.append({"start": hex(start), "end": hex(end), "instructions": count(start, end), "depth": depth})
+    outermost = [i for i, loop in enumerate(loops) if loop["depth"] == 0]
+    hot = max(outermost, key=lambda i: loops[i]["instructions"]) if outermost else None
+    body = loops[hot]["instructions"] if hot is not None else 0
+    return {"total": len(addresses), "loops": loops, "hot_loop": hot, "body": body, "outside": len(addresses) - body}
+
+
+def ttgir_loop_trips(ttgir: str) -> list:
+    """Trip counts of the outermost scf.for loops of a TTGIR module, in order (None where a bound
+    is not a constant): what the compiled code runs, after Triton's pipelining."""
+    constants = {m.group(1): int(m.group(2))
+                 for m in re.finditer(r"(%[\w.]+) = arith.constant (-?\d+) : i(?:32|64)\b", ttgir)}
+    loops = [(len(m.group(1)), m.group(2), m.group(3), m.group(4))
+             for m in re.finditer(r"^( *)\S.*?scf\.for %[\w.]+ = (%[\w.]+) to (%[\w.]+) step (%[\w.]+)",
+                                  ttgir, re.M)]
+    if not loops:
+        return []
+    indent = min(loop[0] for loop in loops)
+    trips = []
+    for depth, lower, upper, step in loops:
+        if depth != indent:
+            continue
+        lo, hi, st = (constants.get(x) for x in (lower, upper, step))
+        trips.append(None if None in (lo, hi, st) or st <= 0 else max(0, -(-(hi - lo) // st)))
+    return trips
+
+
+def instructions_per_pixel_head(report: dict, trips: int) -> float:
+    """Warp-instructions a program executes per (pixel, head), from a static_report:
+    num_warps * (outside + trips * body) / (BLOCK_H * BLOCK_W). Approximate: static counts, so
+    every branch in the loop body counts as taken (see sass_instruction_profile)."""
+    if not isinstance(trips, int) or isinstance(trips, bool) or trips < 0:
+        raise ValueError(f"trips must be a non-negative int, got {trips!r}")
+    pixels = report["BLOCK_H"] * report["BLOCK_W"]
+    return report["num_warps"] * (report["sass_outside"] + trips * report["sass_loop_body"]) / pixels
+
+
 def static_report(spec: KernelSpec, arch: int = 90) -> dict:
-    """Compile `spec` for sm_<arch> and report registers, spills, shared memory and tensor-core use."""
+    """Compile `spec` for sm_<arch> and report registers, spills, shared memory, tensor-core use and
+    the static SASS instruction counts (sass_instructions, sass_loop_body: the hot loop's,
+    sass_outside, sass_loops: every loop's, ttgir_loop_trips: the outermost loops' trip counts)."""
     compiled = compile_spec(spec, arch)
     report = {"kernel": spec.name, "arch": f"sm_{arch}", **spec.config()}
     report.update(ptxas_report(compiled.asm["ptx"], arch))
     metadata = compiled.metadata
     report["shared_mem"] = getattr(metadata, "shared", None) if not isinstance(metadata, dict) else metadata.get("shared")
-    report.update(sass_tensor_core_counts(compiled.asm["cubin"]))
+    sass = dump_sass(compiled.asm["cubin"])
+    report.update(sass_tensor_core_counts(sass))
+    if sass is not None:
+        profile = sass_instruction_profile(sass)
+        report.update(sass_instructions=profile["total"], sass_loop_body=profile["body"],
+                      sass_outside=profile["outside"], sass_loops=[loop["instructions"] for loop in profile["loops"]],
+                      ttgir_loop_trips=ttgir_loop_trips(compiled.asm.get("ttgir", "")))
     return report
 
 

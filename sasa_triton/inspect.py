@@ -4,7 +4,9 @@ its resource use next to the roofline that bounds it.
     python -m sasa_triton.inspect --arch sm_90 [--dtype bf16 fp16] [--kernel-sizes 3 5 7 9 11]
                                   [--head-dims 8 16 32 64] [--configs default|tuned|candidates]
                                   [--tuned-file FILE.json]
+                                  [--config KERNEL=JSON ...]
                                   [--bandwidth 3.0] [--peak-tflops 790] [--json [PATH]]
+    python -m sasa_triton.inspect --write-instruction-baseline [PATH]
 
 Per kernel and config: registers per thread, spill stores/loads (bytes), shared memory, whether
 the SASS has tensor-core instructions (HGMMA: Hopper wgmma, HMMA: mma.sync), and the FLOPs and
@@ -14,6 +16,18 @@ bytes per pixel and head that define its roofline, with the predicted time for a
     t_mma     = tensor-core FLOPs executed / peak  (the dots cover the whole haloed tile, so they
                                                     execute more than the useful FLOPs)
     t_roof    = max(t_mem, t_mma)
+
+and an instruction-count proxy (the forward kernel is bound by instruction issue, so its time
+tracks it): warp-instructions executed per (pixel, head),
+
+    num_warps * (outside + trips * body) / (BLOCK_H * BLOCK_W)
+
+with body the static SASS instructions of the kernel's main loop (the key-row walk), outside
+those of the rest of the kernel, and trips the loop's trip count from the launch meta
+(BLOCK_H + 2 * dilation * (k // 2) key rows, or query rows for dk/dv). Static counts: branches
+in the loop body count as taken. `local_instruction_report()` gives it for explicit configs;
+tests/instruction_baseline.json holds today's values (tests/test_inspect.py fails when one grows
+by more than 2%); after a kernel improves, rewrite it with --write-instruction-baseline.
 
 Static compilation needs compiled (not interpreted) @triton.jit functions: under
 TRITON_INTERPRET=1 this command re-runs itself in a subprocess without it.
@@ -39,7 +53,12 @@ STEM_BLOCK, STEM_MIXTURES = 4, 4
 STEM_WINDOWS = ("block", "sliding")  # the paper's non-overlapping blocks, and the sliding variant
 FIELDS = ("kernel", "arch", "dtype", "kernel_size", "head_dim", "source", "config", "registers", "spill_stores",
           "spill_loads", "stack_frame", "shared_mem", "HGMMA", "HMMA", "flops_per_pixel", "bytes_per_pixel",
-          "intensity", "mma_flops_per_pixel", "shape", "t_mem_us", "t_mma_us", "t_roofline_us", "error")
+          "intensity", "mma_flops_per_pixel", "shape", "t_mem_us", "t_mma_us", "t_roofline_us",
+          "sass_instructions", "sass_loop_body", "sass_outside", "sass_loops", "loop_trips", "ttgir_loop_trips",
+          "warp_instructions_per_pixel_head", "error")
+INSTRUCTION_BASELINE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests",
+                                    "instruction_baseline.json")
+BASELINE_KERNEL_SIZE, BASELINE_DTYPE = 7, "bf16"  # the ResNet-50 stages (PAPER_STAGE) at batch 32, 8 heads
 
 
 def parse_arch(text: str) -> int:
@@ -91,6 +110,17 @@ def local_cost(kernel: str, kernel_size: int, head_dim: int, elt: int, config: d
         flops, dots = 8 * k * k * D + 2 * k * D, 4
         nbytes = 6 * D * elt + 8
     return {"flops_per_pixel": flops, "bytes_per_pixel": nbytes, "mma_flops_per_pixel": 2 * dots * keys_per_query * d_pad}
+
+
+def local_loop_trips(kernel: str, meta: dict) -> int:
+    """Trip count of a local kernel's main loop, from its launch meta-parameters: the fwd and dq
+    kernels walk the BLOCK_H + 2r haloed key rows, dk/dv as many haloed query rows
+    (r = dilation * (k // 2)), STEP_ROWS rows a step (1 when the meta has none).
+    tests/test_inspect.py checks it against the trip count of the compiled loop (TTGIR)."""
+    if kernel not in LOCAL_KERNELS:
+        raise ValueError(f"kernel must be one of {LOCAL_KERNELS}, got {kernel!r}")
+    halo_rows = meta["BLOCK_H"] + 2 * meta["DILATION"] * (meta["KSIZE"] // 2)
+    return -(-halo_rows // meta.get("STEP_ROWS", 1))
 
 
 def stem_cost(kernel: str, block_size: int, mixtures: int, head_dim: int, elt: int) -> dict:
@@ -158,8 +188,9 @@ def read_tuned_files(paths) -> tuple[dict, list[str]]:
     return table, notes
 
 
-def _configs_for(kernel, mode, kernel_size, head_dim, dtype, H, W, tuned_table=None):
-    """[(source, config)] for one kernel: the default, plus tuned or candidate configs."""
+def _configs_for(kernel, mode, kernel_size, head_dim, dtype, H, W, tuned_table=None, explicit=None):
+    """[(source, config)] for one kernel: the default, plus tuned or candidate configs, plus the
+    explicit ones ({kernel: [config]}, from --config)."""
     from . import tuning
     default = tuning.default_config(kernel, kernel_size, 1, head_dim, dtype)
     out = [("default", default)]
@@ -172,7 +203,9 @@ def _configs_for(kernel, mode, kernel_size, head_dim, dtype, H, W, tuned_table=N
         if candidates is None:
             raise RuntimeError("this sasa_triton.tuning has no candidate_configs()")
         out += [("candidate", c) for c in candidates(kernel, kernel_size, 1, head_dim, dtype, H, W) if c != default]
-    for source, config in (tuned_table or {}).get((kernel, kernel_size, head_dim, DTYPE_NAMES[dtype]), []):
+    extra = (tuned_table or {}).get((kernel, kernel_size, head_dim, DTYPE_NAMES[dtype]), [])
+    extra += [("explicit", config) for config in (explicit or {}).get(kernel, [])]
+    for source, config in extra:
         if all(config != c for _, c in out):
             out.append((source, config))
     return out
@@ -186,7 +219,7 @@ def local_jobs(args) -> list[dict]:
                 shape = args.shape or (32, PAPER_STAGE.get(D, 56), PAPER_STAGE.get(D, 56), 8)
                 for kernel in LOCAL_KERNELS:
                     for source, config in _configs_for(kernel, args.configs, k, D, DTYPES[dtype_name], shape[1],
-                                                       shape[2], args.tuned_table):
+                                                       shape[2], args.tuned_table, args.explicit):
                         jobs.append(dict(family="local", kernel=kernel, dtype=dtype_name, kernel_size=k, head_dim=D,
                                          shape=(*shape, D), source=source, config=config))
     return jobs
@@ -235,16 +268,19 @@ def _spec(job):
 
 def run_job(job: dict, arch: int, bandwidth_tbps: float, peak_tflops: float) -> dict:
     """Compile one kernel at one config for sm_<arch>; the report plus its roofline numbers."""
-    from ._compile import static_report
+    from ._compile import instructions_per_pixel_head, static_report
     elt = torch.empty((), dtype=DTYPES[job["dtype"]]).element_size()
     record = {"kernel": job["kernel"], "arch": f"sm_{arch}", "dtype": job["dtype"], "kernel_size": job["kernel_size"],
               "head_dim": job["head_dim"], "source": job["source"], "config": dict(job["config"]), "error": None}
     try:
-        report = static_report(_spec(job), arch)
-        record["config"] = {k: v for k, v in report.items() if k in ("BLOCK_H", "BLOCK_W", "BLOCK_M", "BLOCK_N",
-                                                                     "num_warps", "num_stages")} or record["config"]
-        for key in ("registers", "spill_stores", "spill_loads", "stack_frame", "shared_mem", "HGMMA", "HMMA"):
+        spec = _spec(job)
+        report = static_report(spec, arch)
+        for key in ("registers", "spill_stores", "spill_loads", "stack_frame", "shared_mem", "HGMMA", "HMMA",
+                    "sass_instructions", "sass_loop_body", "sass_outside", "sass_loops", "ttgir_loop_trips"):
             record[key] = report.get(key)
+        if job["family"] == "local" and report.get("sass_loop_body") is not None:
+            record["loop_trips"] = local_loop_trips(job["kernel"], spec.constexprs)
+            record["warp_instructions_per_pixel_head"] = instructions_per_pixel_head(report, record["loop_trips"])
     except Exception as e:
         record["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300] if str(e).strip() else ''}"
     if job["family"] == "local":
@@ -263,18 +299,22 @@ def _run_job_star(payload):
 # ----------------------------------------------------------------------------------------------
 
 def _config_text(config: dict) -> str:
-    parts = []
+    parts, shown = [], {"num_warps", "num_stages"}
     if "BLOCK_H" in config:
-        parts.append(f"{config['BLOCK_H']}x{config['BLOCK_W']}")
+        parts.append(f"{config['BLOCK_H']}x{config.get('BLOCK_W', '?')}")
+        shown |= {"BLOCK_H", "BLOCK_W"}
     elif "BLOCK_M" in config:
         parts.append(f"M{config['BLOCK_M']}/N{config.get('BLOCK_N', '?')}")
+        shown |= {"BLOCK_M", "BLOCK_N"}
+    parts += [f"{k}={v}" for k, v in config.items() if k not in shown]
     parts.append(f"w{config.get('num_warps', '?')} s{config.get('num_stages', '?')}")
     return " ".join(parts)
 
 
 def format_table(records: list[dict], header: str) -> str:
     columns = ("dtype", "k", "D", "kernel", "source", "config", "regs", "spill st/ld", "smem", "HGMMA", "HMMA",
-               "FLOP/px", "B/px", "FLOP/B", "MMA use", "shape", "t_mem us", "t_roof us")
+               "SASS out+loop x trips", "warp-instr/px", "FLOP/px", "B/px", "FLOP/B", "MMA use", "shape", "t_mem us",
+               "t_roof us")
     table = [list(columns)]
     for r in records:
         if r.get("error"):
@@ -282,12 +322,15 @@ def format_table(records: list[dict], header: str) -> str:
                           _config_text(r["config"]), "ERROR: " + r["error"]] + [""] * (len(columns) - 7))
             continue
         use = (f"{r['flops_per_pixel'] / r['mma_flops_per_pixel']:.0%}" if r.get("mma_flops_per_pixel") else "-")
+        sass = "-" if r.get("sass_loop_body") is None else (
+            f"{r['sass_outside']}+{r['sass_loop_body']}x{r['loop_trips'] if r.get('loop_trips') is not None else '?'}")
+        per_pixel = r.get("warp_instructions_per_pixel_head")
         table.append([
             r["dtype"], str(r["kernel_size"]), str(r["head_dim"]), r["kernel"], r["source"], _config_text(r["config"]),
             str(r["registers"]), f"{r['spill_stores']}/{r['spill_loads']}", str(r["shared_mem"]),
             "yes" if r.get("HGMMA") else ("no" if r.get("HGMMA") == 0 else "?"),
             "yes" if r.get("HMMA") else ("no" if r.get("HMMA") == 0 else "?"),
-            str(r["flops_per_pixel"]), str(r["bytes_per_pixel"]), f"{r['intensity']:.1f}", use, r["shape"],
+            sass, "-" if per_pixel is None else f"{per_pixel:.1f}", str(r["flops_per_pixel"]), str(r["bytes_per_pixel"]), f"{r['intensity']:.1f}", use, r["shape"],
             f"{r['t_mem_us']:.1f}", f"{r['t_roofline_us']:.1f}",
         ])
     widths = [max(len(row[i]) for row in table if i < len(row)) for i in range(len(columns))]
@@ -323,12 +366,133 @@ def summary(records: list[dict]) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------
+# Instruction-count proxy: explicit configs, and the baseline the tests hold the kernels to
+# ----------------------------------------------------------------------------------------------
+
+def check_local_config(kernel, config) -> dict:
+    """A local kernel's launch config: tile sizes in upper case, num_warps and num_stages, all
+    positive ints (which tile fields a kernel needs is its launcher's business)."""
+    if kernel not in LOCAL_KERNELS:
+        raise ValueError(f"configs: kernel must be one of {LOCAL_KERNELS}, got {kernel!r}")
+    if (not isinstance(config, dict) or not {"num_warps", "num_stages", "BLOCK_H", "BLOCK_W"} <= set(config)
+            or not all((k.isupper() or k in ("num_warps", "num_stages")) and isinstance(v, int)
+                       and not isinstance(v, bool) and v > 0 for k, v in config.items())):
+        raise ValueError(f"configs[{kernel!r}] must map BLOCK_H, BLOCK_W, num_warps, num_stages (and any other "
+                         f"upper-case tile fields) to positive ints, got {config!r}")
+    return dict(config)
+
+
+def _kernels_are_interpreted() -> bool:
+    from .ops.local_attention import _local_attn_fwd_kernel
+    return not hasattr(_local_attn_fwd_kernel, "arg_names") or \
+        type(_local_attn_fwd_kernel).__name__ == "InterpretedFunction"
+
+
+def _clean_env() -> dict:
+    """This environment without TRITON_INTERPRET, with this package importable."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_parent, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def local_instruction_report(shape, dtype=torch.bfloat16, kernel_size=7, configs=None, arch=90) -> list[dict]:
+    """The three local kernels compiled for sm_<arch> (no GPU needed) as a launch on contiguous
+    tensors of `shape` (B, H, W, heads, D) would compile them: one record per kernel (the fields
+    of `python -m sasa_triton.inspect --json`), with warp_instructions_per_pixel_head, the SASS
+    counts (sass_outside, sass_loop_body, loop_trips), registers and spills.
+
+    configs: {kernel: {"BLOCK_H", "BLOCK_W", "num_warps", "num_stages"}} for any of local_fwd,
+    local_bwd_dq, local_bwd_dkdv; the others get tuning.default_config. Compiles in a subprocess
+    when this process imported triton under TRITON_INTERPRET=1.
+
+        >>> for r in local_instruction_report((32, 56, 56, 8, 8), torch.bfloat16, 7,
+        ...                                   {"local_fwd": dict(BLOCK_H=2, BLOCK_W=16, num_warps=1, num_stages=1)}):
+        ...     print(r["kernel"], r["config"], r["warp_instructions_per_pixel_head"])
+    """
+    from . import tuning
+
+    if (not isinstance(shape, (tuple, list)) or len(shape) != 5
+            or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape)):
+        raise ValueError(f"shape must be 5 positive ints (B, H, W, heads, D), got {shape!r}")
+    if dtype not in DTYPE_NAMES:
+        raise TypeError(f"dtype must be one of {sorted(DTYPES)} as torch dtypes, got {dtype!r}")
+    if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
+        raise ValueError(f"kernel_size must be a positive odd int, got {kernel_size!r}")
+    configs = {kernel: check_local_config(kernel, config) for kernel, config in (configs or {}).items()}
+    if _kernels_are_interpreted():
+        request = json.dumps({"shape": list(shape), "dtype": DTYPE_NAMES[dtype], "k": kernel_size,
+                              "configs": configs, "arch": arch})
+        code = ("import json, sys; from sasa_triton import inspect as i; a = json.loads(sys.argv[1]); "
+                "print(json.dumps(i.local_instruction_report(tuple(a['shape']), i.DTYPES[a['dtype']], a['k'], "
+                "a['configs'], a['arch'])))")
+        proc = subprocess.run([sys.executable, "-c", code, request], env=_clean_env(), capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"compilation subprocess failed: {proc.stderr.strip()[-2000:]}")
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+    records = []
+    for kernel in LOCAL_KERNELS:
+        config = configs.get(kernel) or tuning.default_config(kernel, kernel_size, 1, shape[-1], dtype)
+        job = dict(family="local", kernel=kernel, dtype=DTYPE_NAMES[dtype], kernel_size=kernel_size,
+                   head_dim=shape[-1], shape=tuple(shape), source="explicit" if kernel in configs else "default",
+                   config=config)
+        record = run_job(job, arch, 3.0, 790.0)
+        records.append({k: record.get(k) for k in FIELDS})
+    return records
+
+
+def instruction_baseline_key(record: dict) -> str:
+    return f"{record['kernel']}/{record['shape']}"
+
+
+def triton_minor_version() -> str:
+    import triton
+    return ".".join(triton.__version__.split(".")[:2])
+
+
+def write_instruction_baseline(records: list[dict], path: str) -> dict:
+    """Store the default configs' warp-instructions per (pixel, head) under this Triton's
+    major.minor version in the baseline file (other versions' entries are kept)."""
+    import datetime
+    data = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            data = json.load(f)
+    data["about"] = ("Warp-instructions executed per (pixel, head) of the local kernels at their default configs, "
+                     f"{BASELINE_DTYPE}, k = {BASELINE_KERNEL_SIZE}, the ResNet-50 stages (batch 32, 8 heads), "
+                     "compiled for sm_90, per Triton major.minor. tests/test_inspect.py fails when one grows by more "
+                     "than 2%. Rewrite after a kernel improves: python -m sasa_triton.inspect "
+                     "--write-instruction-baseline")
+    values = {instruction_baseline_key(r): round(r["warp_instructions_per_pixel_head"], 2) for r in records
+              if r["source"] == "default" and r["kernel"] in LOCAL_KERNELS and not r.get("error")}
+    if len(values) != len(LOCAL_KERNELS) * len(PAPER_STAGE):
+        raise RuntimeError(f"expected {len(LOCAL_KERNELS) * len(PAPER_STAGE)} baseline values, got {len(values)}")
+    data.setdefault("triton", {})[triton_minor_version()] = {
+        "date": datetime.date.today().isoformat(), "warp_instructions_per_pixel_head": dict(sorted(values.items()))}
+    data["triton"] = dict(sorted(data["triton"].items()))
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1)
+        f.write("\n")
+    return data
+
+
+# ----------------------------------------------------------------------------------------------
 # CLI
 # ----------------------------------------------------------------------------------------------
 
-def parse_args(argv=None) -> argparse.Namespace:
+def parse_config(text: str) -> tuple[str, dict]:
+    kernel, sep, body = text.partition("=")
+    try:
+        config = json.loads(body) if sep else None
+        return kernel, check_local_config(kernel, config)
+    except (ValueError, json.JSONDecodeError) as e:
+        raise argparse.ArgumentTypeError(
+            f"--config must be KERNEL=JSON, e.g. 'local_fwd={{\"BLOCK_H\": 2, \"BLOCK_W\": 16, \"num_warps\": 1, "
+            f"\"num_stages\": 1}}'; got {text!r} ({e})")
+
+def parse_args(argv=None, prog=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m sasa_triton.inspect",
+        prog=prog or "python -m sasa_triton.inspect",
         description="Compile every SASA kernel for a GPU architecture (no GPU needed) and report registers, "
                     "spills, shared memory, tensor-core instructions and the roofline of each.")
     p.add_argument("--arch", type=parse_arch, default=90, help="target architecture, e.g. sm_90 (default), sm_80")
@@ -344,6 +508,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tuned-file", nargs="+", default=None, metavar="JSON",
                    help="also compile the configs of these tuned-config files (python -m sasa_triton.autotune "
                         "output), whatever GPU they were tuned on")
+    p.add_argument("--config", type=parse_config, action="append", default=[], metavar="KERNEL=JSON",
+                   help="also compile a local kernel at this config, e.g. "
+                        "'local_fwd={\"BLOCK_H\": 2, \"BLOCK_W\": 16, \"num_warps\": 1, \"num_stages\": 1}' (repeatable)")
+    p.add_argument("--write-instruction-baseline", nargs="?", const=INSTRUCTION_BASELINE, default=None,
+                   metavar="PATH", help="compile the local kernels at the baseline shapes (bf16, k = 7, the ResNet-50 "
+                                        "stages, default configs) and store their warp-instructions per (pixel, head) "
+                                        "for this Triton version in PATH (default tests/instruction_baseline.json)")
     p.add_argument("--bandwidth", type=float, default=3.0, help="memory bandwidth in TB/s (H100 SXM copy: 3.0)")
     p.add_argument("--peak-tflops", type=float, default=790.0, help="tensor-core peak in TFLOP/s (H100 bf16: 790)")
     p.add_argument("--no-stem", dest="stem", action="store_false", help="leave out the attention-stem kernels")
@@ -358,20 +529,23 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--head-dims must be >= 2")
     if args.bandwidth <= 0 or args.peak_tflops <= 0:
         p.error("--bandwidth and --peak-tflops must be positive")
+    args.explicit = {}
+    for kernel, config in args.config:
+        args.explicit.setdefault(kernel, []).append(config)
+    if args.write_instruction_baseline:
+        args.dtype, args.kernel_sizes, args.head_dims = [BASELINE_DTYPE], [BASELINE_KERNEL_SIZE], sorted(PAPER_STAGE)
+        args.shape, args.configs, args.tuned_file, args.explicit, args.stem = None, "default", None, {}, False
     return args
 
 
 def _reexec(argv) -> int:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_parent, env.get("PYTHONPATH")) if p)
     cmd = [sys.executable, "-m", "sasa_triton.inspect", *argv]
-    return subprocess.run(cmd, env=env).returncode
+    return subprocess.run(cmd, env=_clean_env()).returncode
 
 
-def main(argv=None) -> int:
+def main(argv=None, prog=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)
+    args = parse_args(argv, prog)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         # The interpreter replaces the @triton.jit functions; compile in a clean process.
         return _reexec(argv)
@@ -400,6 +574,23 @@ def main(argv=None) -> int:
     else:
         records = [_run_job_star(p) for p in payloads]
 
+    if args.write_instruction_baseline:
+        errors = [r for r in records if r.get("error")]
+        if errors:
+            print("\n".join(f"{r['kernel']} {r['shape']}: {r['error']}" for r in errors), file=sys.stderr)
+            return 1
+        write_instruction_baseline(records, args.write_instruction_baseline)
+        for r in records:
+            print(f"{r['kernel']:15s} {r['shape']:16s} {_config_text(r['config']):14s} "
+                  f"{r['warp_instructions_per_pixel_head']:8.1f} warp-instructions per (pixel, head)")
+        print(f"wrote {args.write_instruction_baseline} (triton {triton.__version__})", file=sys.stderr)
+        return 0
+    mismatched = [r for r in records if r.get("loop_trips") is not None and r.get("ttgir_loop_trips")
+                  and r["ttgir_loop_trips"] != [r["loop_trips"]]]
+    for r in mismatched:
+        notes.append(f"{r['kernel']} {_config_text(r['config'])}: loop trips {r['loop_trips']} from the launch meta, "
+                     f"but the compiled TTGIR's outermost loops run {r['ttgir_loop_trips']}: the instruction count "
+                     f"assumes the former")
     spills = [r for r in records if r["source"] == "default" and not r.get("error")
               and (r.get("spill_stores") or r.get("spill_loads"))]
     errors = [r for r in records if r.get("error")]
@@ -418,7 +609,9 @@ def main(argv=None) -> int:
         header = (f"Static kernel report for sm_{args.arch} (triton {triton.__version__}); roofline at "
                   f"{args.bandwidth:g} TB/s and {args.peak_tflops:g} TFLOP/s. Per pixel and head: FLOP/px useful "
                   f"FLOPs, B/px minimal bytes; MMA use = useful / executed tensor-core FLOPs; times for the whole "
-                  f"shape (B x H x W x heads x D).")
+                  f"shape (B x H x W x heads x D). Instruction proxy: static SASS instructions outside the main "
+                  f"loop + in its body x its trips; warp-instr/px = num_warps * that / tile pixels (branches "
+                  f"count as taken).")
         print(format_table(records, header))
         lines = summary(records)
         if lines:

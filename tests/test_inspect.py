@@ -1,4 +1,5 @@
-"""`python -m sasa_triton.inspect`: static sm_90 compilation report (no GPU needed)."""
+"""`python -m sasa_triton.inspect`: static sm_90 compilation report (no GPU needed), and the
+instruction-count proxy of the local kernels held to tests/instruction_baseline.json."""
 import json
 import os
 import subprocess
@@ -11,27 +12,33 @@ from sasa_triton import inspect as sasa_inspect
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECORD_FIELDS = {"kernel", "arch", "dtype", "kernel_size", "head_dim", "source", "config", "registers", "spill_stores",
                  "spill_loads", "stack_frame", "shared_mem", "HGMMA", "HMMA", "flops_per_pixel", "bytes_per_pixel",
-                 "intensity", "mma_flops_per_pixel", "shape", "t_mem_us", "t_mma_us", "t_roofline_us", "error"}
+                 "intensity", "mma_flops_per_pixel", "shape", "t_mem_us", "t_mma_us", "t_roofline_us",
+                 "sass_instructions", "sass_loop_body", "sass_outside", "sass_loops", "loop_trips", "ttgir_loop_trips",
+                 "warp_instructions_per_pixel_head", "error"}
+BASELINE_TOLERANCE = 1.02  # the proxy may grow by 2% before the test fails
 
 
-def _has_ptxas() -> bool:
+def _missing_toolchain() -> str | None:
     try:
         from sasa_triton._compile import _tool
-        return _tool("ptxas") is not None
-    except Exception:
-        return False
+    except Exception as e:
+        return f"sasa_triton._compile does not import: {e}"
+    missing = [tool for tool in ("ptxas", "cuobjdump") if _tool(tool) is None]
+    return f"no {' or '.join(missing)} (the triton wheel ships them for the NVIDIA backend)" if missing else None
 
 
 @pytest.fixture(scope="module")
 def report():
-    """One run on a sample (bf16, k = 7, D = 64), with TRITON_INTERPRET=1 still set in the
-    environment (tests/conftest.py sets it without CUDA): the command must re-run itself without."""
-    if not _has_ptxas():
-        pytest.skip("no ptxas (the triton wheel ships one for the NVIDIA backend)")
+    """One run at the baseline's shapes (bf16, k = 7, the four ResNet-50 stages, default configs;
+    the stem kernels too), with TRITON_INTERPRET=1 still set in the environment
+    (tests/conftest.py sets it without CUDA): the command must re-run itself without."""
+    why_not = _missing_toolchain()
+    if why_not:
+        pytest.skip(why_not)
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, "-m", "sasa_triton.inspect", "--arch", "sm_90", "--dtype", "bf16",
-                           "--kernel-sizes", "7", "--head-dims", "64", "--jobs", "2", "--json"],
-                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+                           "--kernel-sizes", "7", "--head-dims", "8", "16", "32", "64", "--jobs", "2", "--json"],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout)
 
@@ -60,7 +67,7 @@ def test_default_configs_do_not_spill_and_use_tensor_cores(report):
 
 
 def test_roofline_numbers(report):
-    fwd = next(r for r in report["records"] if r["kernel"] == "local_fwd")
+    fwd = next(r for r in report["records"] if r["kernel"] == "local_fwd" and r["head_dim"] == 64)
     k, D = 7, 64
     assert fwd["flops_per_pixel"] == 4 * k * k * D + 2 * k * D  # q.k, p.v and the 2k relative dots
     assert fwd["bytes_per_pixel"] == 4 * D * 2 + 4  # q, k, v, y in bf16 and the fp32 lse
@@ -99,3 +106,133 @@ def test_tuned_file_configs_are_added(tmp_path):
     assert "NVIDIA H100 80GB HBM3" in notes[0]
     configs = sasa_inspect._configs_for("local_fwd", "default", 7, 64, torch.bfloat16, 7, 7, table)
     assert [source for source, _ in configs] == ["default", "tuned H8/W8"]
+
+
+def test_instruction_proxy_fields(report):
+    local = [r for r in report["records"] if r["kernel"] in sasa_inspect.LOCAL_KERNELS]
+    assert len(local) == 12
+    for r in local:
+        where = f"{r['kernel']} {r['shape']}"
+        # The trip count from the launch meta is the one the compiled code runs (else
+        # sasa_inspect.local_loop_trips no longer describes the kernel's loop).
+        assert r["ttgir_loop_trips"] == [r["loop_trips"]], where
+        assert r["sass_loop_body"] == max(r["sass_loops"]) > 0, where
+        assert r["sass_outside"] + r["sass_loop_body"] == r["sass_instructions"], where
+        pixels = r["config"]["BLOCK_H"] * r["config"]["BLOCK_W"]
+        expected = r["config"]["num_warps"] * (r["sass_outside"] + r["loop_trips"] * r["sass_loop_body"]) / pixels
+        assert r["warp_instructions_per_pixel_head"] == pytest.approx(expected), where
+
+
+def test_instruction_proxy_does_not_grow(report):
+    """Warp-instructions per (pixel, head) of each local kernel at each stage stay within 2% of
+    tests/instruction_baseline.json (for this Triton version). After an improvement, rewrite it:
+    python -m sasa_triton.inspect --write-instruction-baseline"""
+    with open(sasa_inspect.INSTRUCTION_BASELINE) as f:
+        versions = json.load(f)["triton"]
+    version = sasa_inspect.triton_minor_version()
+    if version not in versions:
+        pytest.skip(f"no instruction baseline for Triton {version} (has {sorted(versions)}): "
+                    f"python -m sasa_triton.inspect --write-instruction-baseline")
+    baseline = versions[version]["warp_instructions_per_pixel_head"]
+    local = [r for r in report["records"] if r["kernel"] in sasa_inspect.LOCAL_KERNELS]
+    assert {sasa_inspect.instruction_baseline_key(r) for r in local} == set(baseline)
+    grown = []
+    for r in local:
+        key = sasa_inspect.instruction_baseline_key(r)
+        if r["warp_instructions_per_pixel_head"] > baseline[key] * BASELINE_TOLERANCE:
+            grown.append(f"{key} {r['config']}: {r['warp_instructions_per_pixel_head']:.1f} > {baseline[key]}")
+    assert not grown, "warp-instructions per (pixel, head) grew:\n" + "\n".join(grown)
+
+
+# A made-up SASS listing in cuobjdump's layout: an outer loop (0x0020-0x0090) holding an inner
+# one (0x0040-0x0060, two back edges to it), and a second, smaller loop (0x00b0-0x00c0).
+SASS = """
+\tcode for sm_90a
+\t\tFunction : kernel
+        /*0000*/                   LDC R1, c[0x0][0x28] ;                /* 0x00000a00ff017b82 */
+        /*0010*/                   S2R R0, SR_TID.X ;                    /* 0x0000000000007919 */
+        /*0020*/                   IADD3 R2, R2, 0x1, RZ ;               /* 0x0 */
+        /*0030*/               @P1 BRA 0x80 ;                            /* 0x0 */
+        /*0040*/                   FADD R3, R3, R4 ;                     /* 0x0 */
+        /*0050*/               @P2 BRA 0x40 ;                            /* 0x0 */
+        /*0060*/                   BRA.U !UP0, 0x40 ;                    /* 0x0 */
+        /*0070*/                   FMUL R3, R3, R4 ;                     /* 0x0 */
+        /*0080*/                   ISETP.NE.AND P0, PT, R2, 0xe, PT ;    /* 0x0 */
+        /*0090*/               @P0 BRA 0x20 ;                            /* 0x0 */
+        /*00a0*/                   MOV R5, R3 ;                          /* 0x0 */
+        /*00b0*/                   FADD R5, R5, R5 ;                     /* 0x0 */
+        /*00c0*/               @P4 BRA 0xb0 ;                            /* 0x0 */
+        /*00d0*/                   EXIT ;                                /* 0x0 */
+        /*00e0*/                   BRA 0xe0;                             /* 0x0 */
+        /*00f0*/                   NOP;                                  /* 0x0 */
+        /*0100*/                   NOP;                                  /* 0x0 */
+"""
+
+
+def test_sass_instruction_profile_finds_loops():
+    from sasa_triton._compile import instructions_per_pixel_head, sass_instruction_profile
+
+    profile = sass_instruction_profile(SASS)
+    assert profile["total"] == 14  # up to EXIT; the trap and the padding after it are left out
+    assert profile["loops"] == [
+        {"start": "0x20", "end": "0x90", "instructions": 8, "depth": 0},
+        {"start": "0x40", "end": "0x60", "instructions": 3, "depth": 1},
+        {"start": "0xb0", "end": "0xc0", "instructions": 2, "depth": 0},
+    ]
+    assert profile["hot_loop"] == 0 and profile["body"] == 8 and profile["outside"] == 6
+    report = {"BLOCK_H": 2, "BLOCK_W": 8, "num_warps": 4, "sass_outside": 6, "sass_loop_body": 8}
+    assert instructions_per_pixel_head(report, 14) == 4 * (6 + 14 * 8) / 16
+    with pytest.raises(ValueError, match="trips"):
+        instructions_per_pixel_head(report, -1)
+    with pytest.raises(ValueError, match="one kernel function"):
+        sass_instruction_profile(SASS + SASS)
+
+
+def test_ttgir_loop_trips():
+    from sasa_triton._compile import ttgir_loop_trips
+
+    ttgir = """
+    %c0_i32 = arith.constant 0 : i32 loc(#loc1)
+    %c2_i32 = arith.constant 2 : i32 loc(#loc1)
+    %c14_i32 = arith.constant 14 : i32 loc(#loc1)
+    %c1_i32 = arith.constant 1 : i32 loc(#loc1)
+    %acc:3 = scf.for %key_step = %c0_i32 to %c14_i32 step %c1_i32 iter_args(%m = %x) -> (f32) : i32 {
+      %inner = scf.for %t = %c0_i32 to %c2_i32 step %c1_i32 iter_args(%a = %m) -> (f32) : i32 {
+      }
+    }
+    %other = scf.for %j = %c1_i32 to %c14_i32 step %c2_i32 iter_args(%a = %m) -> (f32) : i32 {
+    }
+    %runtime = scf.for %j = %c0_i32 to %n step %c1_i32 iter_args(%a = %m) -> (f32) : i32 {
+    }
+"""
+    assert ttgir_loop_trips(ttgir) == [14, 7, None]  # outermost loops only; 13 steps of 2 from 1 is 7 trips
+
+
+def test_local_instruction_report_checks_its_arguments():
+    import torch
+
+    with pytest.raises(ValueError, match="shape"):
+        sasa_inspect.local_instruction_report((32, 56, 56, 8), torch.bfloat16, 7)
+    with pytest.raises(TypeError, match="dtype"):
+        sasa_inspect.local_instruction_report((32, 56, 56, 8, 8), torch.float64, 7)
+    with pytest.raises(ValueError, match="kernel_size"):
+        sasa_inspect.local_instruction_report((32, 56, 56, 8, 8), torch.bfloat16, 4)
+    with pytest.raises(ValueError, match="local_fwd"):
+        sasa_inspect.local_instruction_report((32, 56, 56, 8, 8), torch.bfloat16, 7,
+                                              {"local_fwd": {"BLOCK_H": 2, "BLOCK_W": 16}})
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        sasa_inspect.local_instruction_report((32, 56, 56, 8, 8), torch.bfloat16, 7, {"fwd": {}})
+
+
+def test_cli_config_option():
+    args = sasa_inspect.parse_args(["--config", 'local_fwd={"BLOCK_H": 2, "BLOCK_W": 16, "num_warps": 1, '
+                                                '"num_stages": 1}'])
+    assert args.explicit == {"local_fwd": [{"BLOCK_H": 2, "BLOCK_W": 16, "num_warps": 1, "num_stages": 1}]}
+    for bad in ("local_fwd", 'local_fwd={"BLOCK_H": 2}', 'fwd={"BLOCK_H": 2, "BLOCK_W": 16, "num_warps": 1, '
+                                                         '"num_stages": 1}', "local_fwd={"):
+        with pytest.raises(SystemExit):
+            sasa_inspect.parse_args(["--config", bad])
+    configs = sasa_inspect._configs_for("local_fwd", "default", 7, 8, __import__("torch").bfloat16, 56, 56,
+                                        explicit=args.explicit)
+    assert [source for source, _ in configs] == ["default", "explicit"]
+    assert sasa_inspect.parse_args([], prog="sasa-triton inspect").explicit == {}
