@@ -1,17 +1,21 @@
 """`sasa-triton <command> [args]` (or `python -m sasa_triton <command>`): a small dispatcher.
 
 Each command is a module with a `main(argv) -> int` function, imported only when it is run, so
-a command whose module this install lacks reports that instead of breaking the others.
+a command whose module this install lacks reports that instead of breaking the others. A main
+that takes `prog` gets "sasa-triton <command>", so that its usage and --help name the command as
+it was typed.
 """
 from __future__ import annotations
 
 import importlib
+import inspect
 import sys
 
 COMMANDS = {
     "autotune": ("sasa_triton.autotune", "tune the kernels for this GPU and keep the winners"),
     "bench": ("sasa_triton.bench", "benchmark the kernels against the baselines"),
     "inspect": ("sasa_triton.inspect", "show what the kernels compile to (registers, spills, ...)"),
+    "train": ("sasa_triton.train", "train a small SASA ResNet on a generated toy task"),
 }
 
 
@@ -40,6 +44,8 @@ def main(argv=None) -> int:
         print(f"sasa-triton: the {command!r} command is not available in this install ({module_name} is missing)",
               file=sys.stderr)
         return 2
+    if "prog" in inspect.signature(module.main).parameters:
+        return int(module.main(rest, prog=f"sasa-triton {command}") or 0)
     return int(module.main(rest) or 0)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._utils import check_choice, check_kernel_size, check_positive_int, BACKENDS, PADDINGS
+from ._utils import check_choice, check_kernel_size, check_positive_int, resolve_backend, BACKENDS, PADDINGS
 from .ops.local_attention import local_attention2d
 
 
@@ -34,15 +34,25 @@ class SelfAttention2d(nn.Module):
 
     Args:
         in_channels, out_channels: channels of x and of the output.
-        kernel_size: odd window size (paper: 7). stride: spatial downsampling by average pool.
+        kernel_size: odd window size (paper: 7). stride: 1, or 2 for the paper's downsampling
+            (attention, then a 2x2 average pool); other values raise ValueError.
         heads: attention heads; D = out_channels // heads (paper: 8 heads).
         dilation: step between window taps. padding: "zeros" or "mask" (see local_attention2d).
         scale: logit scale; None means the paper's formula (1.0, no 1/sqrt(D)).
         rel_per_head: one set of relative embeddings per head instead of one shared set.
         backend: "auto", "triton" or "reference" (see local_attention2d).
 
-    Shapes: x (B, in_channels, H, W) -> (B, out_channels, H // stride, W // stride). The output
-    is a channels_last tensor; channels_last input keeps the q/k/v views free of copies.
+    Shapes: x (B, in_channels, H, W) -> (B, out_channels, H // stride, W // stride) (an odd side
+    with stride 2 drops its last row/column, as nn.AvgPool2d(2)). The output is a channels_last
+    tensor; channels_last input keeps the q/k/v views free of copies.
+
+    Input (as nn.Conv2d, with messages that name x): a floating-point tensor on the parameters'
+    device, in the parameters' dtype (float32 by default; layer.half(), .bfloat16() or .double()
+    change it); under torch.autocast any of float16, bfloat16, float32 for x and the parameters
+    (the layer then runs in the autocast dtype; autocast never casts float64). H and W must be at least stride. The Triton kernels take float16, bfloat16 and float32:
+    a float64 layer (e.g. for gradcheck) needs backend="reference", which is what "auto" picks on
+    a CPU unless TRITON_INTERPRET=1. Anything else raises TypeError (type, dtype) or ValueError
+    (shape, channels, size, device).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 7, stride: int = 1,
@@ -52,6 +62,8 @@ class SelfAttention2d(nn.Module):
         _check_channels(in_channels, out_channels, heads)
         check_kernel_size(kernel_size)
         check_positive_int(stride, "stride")
+        if stride not in (1, 2):
+            raise ValueError(f"stride must be 1 or 2 (2 = attention, then a 2x2 average pool), got {stride}")
         check_positive_int(dilation, "dilation")
         check_choice(padding, "padding", PADDINGS)
         check_choice(backend, "backend", BACKENDS)
@@ -78,8 +90,28 @@ class SelfAttention2d(nn.Module):
         nn.init.normal_(self.rel_rows, std=self.head_dim ** -0.5)
         nn.init.normal_(self.rel_cols, std=self.head_dim ** -0.5)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _check_input(self, x) -> None:
         check_image_input(x, self.in_channels)
+        weight = self.qkv.weight
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point tensor (float16, bfloat16, float32 or float64), got dtype {x.dtype}")
+        if x.device != weight.device:
+            raise ValueError(f"x is on {x.device} but the layer's parameters are on {weight.device}")
+        H, W = x.shape[-2:]
+        if H < self.stride or W < self.stride:
+            raise ValueError(f"x must have height and width >= stride ({self.stride}), got {H}x{W}")
+        # Autocast casts x and the weights to its dtype, except float64 tensors (as for nn.Conv2d).
+        autocast = (x.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(x.device.type)
+                    and torch.float64 not in (x.dtype, weight.dtype))
+        if not autocast and x.dtype != weight.dtype:
+            raise TypeError(f"x has dtype {x.dtype} but the layer's parameters are {weight.dtype}: convert x, or the "
+                            f"layer (e.g. layer.to({x.dtype})), as for nn.Conv2d (autocast never casts float64)")
+        if x.dtype == torch.float64 and resolve_backend(self.backend, x.device) == "triton":
+            raise TypeError(f"x is float64, which the Triton kernels do not take (float16, bfloat16, float32); "
+                            f"use backend='reference' for float64 (backend is {self.backend!r})")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
         qkv = self.qkv(x)
         B, _, H, W = qkv.shape
         # (B, 3C, H, W) -> (B, H, W, 3, heads, D): a view; free of copies for channels_last x,

@@ -6,13 +6,15 @@ below). Colour tells the shapes apart, so only relative position decides the cla
 relative row/column logits of the attention layers matter. Nothing is downloaded; every rank
 regenerates the same data from --seed.
 
-Single process:     python -m sasa_triton.train --epochs 4 --out sasa_toy.pt
+Single process:     python -m sasa_triton.train --epochs 4 --out sasa_toy.pt   (or: sasa-triton train)
 Several processes:  torchrun --nproc_per_node 2 -m sasa_triton.train   (DDP: nccl on CUDA, gloo on
                     CPU; the training set is sharded with a DistributedSampler; rank 0 prints
                     and saves)
 
 On CPU the attention runs on the PyTorch reference (backend "auto"); on CUDA on the Triton
-kernels. The checkpoint holds {"model": state_dict, "model_config": build_model kwargs, "args",
+kernels. `--device cuda` means cuda:0 in one process and cuda:LOCAL_RANK under torchrun.
+`--amp bf16|fp16` runs the forward under torch.autocast (fp16 with a gradient scaler).
+Nothing is written unless `--out` is given. The checkpoint holds {"model": state_dict, "model_config": build_model kwargs, "args",
 "history"}; reload with `build_model(**ckpt["model_config"]).load_state_dict(ckpt["model"])`.
 """
 from __future__ import annotations
@@ -98,29 +100,47 @@ def build_model(layers=(1, 1, 1), base_width=8, heads=2, kernel_size=5, num_clas
                   heads=heads, kernel_size=kernel_size, backend=backend, **kwargs)
 
 
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _autocast(device_type: str, amp_dtype):
+    """torch.autocast in amp_dtype, or a disabled one (amp_dtype None)."""
+    return torch.autocast(device_type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None)
+
+
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
-               scheduler=None):
-    """One SGD step. Returns (loss tensor (detached), number of correct predictions tensor)."""
+               scheduler=None, amp_dtype=None, scaler=None):
+    """One optimizer step, the forward under autocast in amp_dtype when given (None: the
+    parameters' dtype); scaler: a torch.amp.GradScaler for fp16. Returns (loss tensor (detached),
+    number of correct predictions tensor)."""
     model.train()
-    logits = model(images)
-    loss = F.cross_entropy(logits, labels)
+    with _autocast(images.device.type, amp_dtype):
+        logits = model(images)
+        loss = F.cross_entropy(logits, labels)  # autocast computes it in fp32
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
     if scheduler is not None:
         scheduler.step()
     return loss.detach(), (logits.argmax(1) == labels).sum()
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, device, channels_last=False):
+def evaluate(model: nn.Module, loader, device, channels_last=False, amp_dtype=None):
     """(correct, total) over `loader`, as tensors on `device` (summed over ranks by the caller)."""
     model.eval()
     correct = torch.zeros((), dtype=torch.long, device=device)
     total = torch.zeros((), dtype=torch.long, device=device)
     for images, labels in loader:
         images, labels = _to(images, device, channels_last), labels.to(device)
-        correct += (model(images).argmax(1) == labels).sum()
+        with _autocast(device.type, amp_dtype):
+            logits = model(images)
+        correct += (logits.argmax(1) == labels).sum()
         total += labels.numel()
     return correct, total
 
@@ -162,15 +182,15 @@ class Progress:
 # Entry point
 # ----------------------------------------------------------------------------------------------
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m sasa_triton.train", description=__doc__.split("\n\n")[0],
+def build_parser(prog=None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog or "python -m sasa_triton.train", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--epochs", type=int, default=4, help="passes over the training set")
     p.add_argument("--batch-size", type=int, default=64, help="per process")
     p.add_argument("--lr", type=float, default=2e-3, help="AdamW peak learning rate (linear warmup over min(1 epoch, 10%% of the steps), then cosine decay)")
     p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ...; default cuda when available (cuda:LOCAL_RANK "
-                                                 "under torchrun)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N; cuda means cuda:0 in one process and "
+                                                 "cuda:LOCAL_RANK under torchrun; default cuda when available, else cpu")
     p.add_argument("--backend", default="auto", choices=("auto", "triton", "reference"),
                    help="attention backend: auto = Triton kernels on CUDA, PyTorch reference on CPU")
     p.add_argument("--seed", type=int, default=0, help="seed of the data (every rank) and of the initial weights")
@@ -184,7 +204,10 @@ def parse_args(argv=None):
     p.add_argument("--kernel-size", type=int, default=5, help="attention window (odd)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                    help="channels_last activations (the attention's q/k/v are then free views; faster on CPU too)")
-    p.add_argument("--out", default="sasa_toy.pt", help="checkpoint path ('' to skip saving)")
+    p.add_argument("--amp", default=None, choices=tuple(AMP_DTYPES),
+                   help="run the forward under torch.autocast in this dtype (fp16 adds a gradient scaler); "
+                        "default: fp32 throughout")
+    p.add_argument("--out", default=None, help="checkpoint path; nothing is saved without it")
     p.add_argument("--check-replicas", action="store_true",
                    help="after training, check that every rank holds identical parameters (exit 1 if not)")
     p.add_argument("--threads", type=int, default=None,
@@ -192,28 +215,61 @@ def parse_args(argv=None):
                         "model gains little from intra-op threads, and they stall badly when cores are shared), "
                         "torch's default on CUDA")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    return p.parse_args(argv)
+    return p
 
 
-def _setup_distributed(device_arg):
-    """(rank, world_size, device, created); initialises the process group under torchrun (created
-    is True when this call did, so that main() destroys only its own group)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+def resolve_device(device_arg: str | None, local_rank: int = 0, local_world_size: int = 1,
+                   cuda_device_count: int | None = None) -> torch.device:
+    """The device one training process runs on, with an explicit index for CUDA (what
+    torch.cuda.set_device and DDP need).
+
+    device_arg: None (CUDA when present, else CPU), "cpu", "cuda" or "cuda:N". A bare "cuda"
+    (or None) is cuda:local_rank: cuda:0 in a single process, this process's own GPU under
+    torchrun. "cuda:N" is honoured as given, except with several processes on this node, which
+    would all share GPU N (NCCL refuses that). cuda_device_count defaults to
+    torch.cuda.device_count(). Raises ValueError naming --device otherwise.
+    """
+    count = torch.cuda.device_count() if cuda_device_count is None else cuda_device_count
     if device_arg is None:
-        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    else:
+        device_arg = "cuda" if count > 0 else "cpu"
+    try:
         device = torch.device(device_arg)
-        if device.type == "cuda" and device.index is None and world_size > 1:
-            device = torch.device(f"cuda:{local_rank}")
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device must be cpu, cuda or cuda:N, got {device_arg!r}") from None
+    if device.type == "cpu":
+        return torch.device("cpu")
+    if device.type != "cuda":
+        raise ValueError(f"--device must be cpu, cuda or cuda:N, got {device_arg!r}")
+    if count == 0:
+        raise ValueError(f"--device {device_arg}: no CUDA device is available (torch.cuda.device_count() == 0)")
+    if device.index is None:
+        index = local_rank
+    elif local_world_size > 1:
+        raise ValueError(f"--device {device_arg} would put all {local_world_size} processes of this node on one GPU; "
+                         f"pass --device cuda (each process then uses cuda:LOCAL_RANK)")
+    else:
+        index = device.index
+    if index >= count:
+        raise ValueError(f"--device {device_arg}: cuda:{index} does not exist ({count} CUDA device(s) visible)")
+    return torch.device("cuda", index)
+
+
+def _launch_env():
+    """(rank, world_size, local_rank, local_world_size) as torchrun sets them; (0, 1, 0, 1) alone."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    return (int(os.environ.get("RANK", "0")), world_size, int(os.environ.get("LOCAL_RANK", "0")),
+            int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size))))
+
+
+def _setup_distributed(device: torch.device, world_size: int) -> bool:
+    """Select the GPU and, under torchrun, initialise the process group; True when this call
+    created it (so that run() destroys only its own group)."""
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    created = False
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-        created = True
-    return rank, world_size, device, created
+        return True
+    return False
 
 
 def _all_reduce(*tensors):
@@ -235,16 +291,23 @@ def check_replicas(model: nn.Module) -> float:
     return float(diff)
 
 
-def main(argv=None) -> dict:
+def run(argv=None, prog=None) -> dict:
     """Run the training; returns {"history": [per-epoch dicts], "test_acc": float, "max_replica_diff"?}."""
-    args = parse_args(argv)
-    rank, world_size, device, created_group = _setup_distributed(args.device)
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
+    rank, world_size, local_rank, local_world_size = _launch_env()
+    try:
+        device = resolve_device(args.device, local_rank, local_world_size)
+    except ValueError as error:
+        parser.error(str(error))  # usage + message, exit status 2
+    created_group = _setup_distributed(device, world_size)
     threads = args.threads if args.threads is not None else (1 if device.type == "cpu" else None)
     previous_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     is_main = rank == 0
     channels_last = args.channels_last
+    amp_dtype = AMP_DTYPES.get(args.amp)
     log = (lambda msg: print(msg, flush=True)) if is_main else (lambda msg: None)
     try:
         torch.manual_seed(args.seed)
@@ -277,6 +340,8 @@ def main(argv=None) -> dict:
         total_steps = steps * args.epochs
         warmup = min(steps, max(total_steps // 10, 1))
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+        # fp16 gradients underflow without loss scaling; bf16 has fp32's exponent range.
+        scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
 
         def lr_lambda(step):
             if step < warmup:
@@ -286,7 +351,8 @@ def main(argv=None) -> dict:
 
         n_params = sum(p.numel() for p in model.parameters())
         log(f"sasa_triton.train: {n_params / 1e3:.1f} k params, {world_size} process(es) on {device}, "
-            f"backend={args.backend}, {steps} steps/epoch x {args.epochs} epochs, batch {args.batch_size}/process, "
+            f"backend={args.backend}, amp={args.amp or 'off'}, {steps} steps/epoch x {args.epochs} epochs, "
+            f"batch {args.batch_size}/process, "
             f"{args.image_size}x{args.image_size} images, chance = {1 / len(CLASSES):.2f}")
         history = []
         for epoch in range(args.epochs):
@@ -300,14 +366,14 @@ def main(argv=None) -> dict:
                 if step >= steps:
                     break
                 images, labels = _to(images, device, channels_last), labels.to(device, non_blocking=True)
-                loss, ok = train_step(net, optimizer, images, labels, scheduler)
+                loss, ok = train_step(net, optimizer, images, labels, scheduler, amp_dtype, scaler)
                 loss_sum += loss * labels.numel()
                 correct += ok
                 seen += labels.numel()
                 if is_main and not args.quiet:
                     progress.update(step + 1, f"loss {loss.item():.3f}")
             _all_reduce(loss_sum, correct, seen)
-            test_correct, test_total = evaluate(model, test_loader, device, channels_last)
+            test_correct, test_total = evaluate(model, test_loader, device, channels_last, amp_dtype)
             _all_reduce(test_correct, test_total)
             record = dict(epoch=epoch + 1, train_loss=float(loss_sum / seen), train_acc=float(correct / seen),
                           test_acc=float(test_correct / test_total), seconds=time.perf_counter() - start)
@@ -335,5 +401,11 @@ def main(argv=None) -> dict:
             dist.destroy_process_group()
 
 
+def main(argv=None, prog=None) -> int:
+    """The command line (`python -m sasa_triton.train`, `sasa-triton train`): 0 on success."""
+    run(argv, prog)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -88,6 +88,8 @@ def test_projection_output_is_a_free_view():
     (dict(in_channels=4, out_channels=8, kernel_size=0), "kernel_size"),
     (dict(in_channels=0, out_channels=8), "in_channels"),
     (dict(in_channels=4, out_channels=8, stride=0), "stride"),
+    (dict(in_channels=4, out_channels=8, stride=3), "stride must be 1 or 2"),
+    (dict(in_channels=4, out_channels=8, stride=4), "stride must be 1 or 2"),
     (dict(in_channels=4, out_channels=8, padding="reflect"), "padding"),
     (dict(in_channels=4, out_channels=8, backend="cuda"), "backend"),
     (dict(in_channels=4, out_channels=8, heads=8), "must be >= 2"),
@@ -97,14 +99,61 @@ def test_layer_rejects_bad_config(kwargs, match):
         SelfAttention2d(**kwargs)
 
 
-def test_layer_rejects_bad_input():
+@pytest.mark.parametrize("layer_kwargs,make_x,error,match", [
+    pytest.param({}, lambda: torch.randn(1, 5, 6, 6), ValueError, "x has 5 channels.*in_channels=4", id="channels"),
+    pytest.param({}, lambda: torch.randn(4, 6, 6), ValueError, "x must have shape", id="rank3"),
+    pytest.param({}, lambda: [1, 2, 3], TypeError, "x must be a torch.Tensor", id="list"),
+    pytest.param({}, lambda: torch.randint(0, 3, (1, 4, 6, 6)), TypeError, "x must be a floating-point tensor",
+                 id="int64"),
+    pytest.param({}, lambda: torch.ones(1, 4, 6, 6, dtype=torch.bool), TypeError, "x must be a floating-point",
+                 id="bool"),
+    pytest.param({}, lambda: torch.randn(1, 4, 6, 6, dtype=torch.float64), TypeError,
+                 "x has dtype torch.float64 but the layer's parameters are torch.float32", id="f64-into-f32"),
+    pytest.param({}, lambda: torch.randn(1, 4, 6, 6, dtype=torch.float16), TypeError,
+                 "x has dtype torch.float16 but the layer's parameters are torch.float32", id="f16-into-f32"),
+    pytest.param(dict(stride=2), lambda: torch.randn(1, 4, 1, 1), ValueError,
+                 r"x must have height and width >= stride \(2\), got 1x1", id="1x1-stride2"),
+    pytest.param(dict(stride=2), lambda: torch.randn(1, 4, 6, 1), ValueError, "got 6x1", id="6x1-stride2"),
+    pytest.param({}, lambda: torch.randn(1, 4, 0, 6), ValueError, r"x must have height and width >= stride \(1\)",
+                 id="empty-image"),
+    pytest.param(dict(device="meta"), lambda: torch.randn(1, 4, 6, 6), ValueError,
+                 "x is on cpu but the layer's parameters are on meta", id="device"),
+])
+def test_layer_rejects_bad_input(layer_kwargs, make_x, error, match):
+    layer_kwargs = dict(layer_kwargs)
+    device = layer_kwargs.pop("device", "cpu")
+    layer = SelfAttention2d(4, 8, kernel_size=3, heads=2, backend="reference", **layer_kwargs).to(device)
+    with pytest.raises(error, match=match):
+        layer(make_x())
+
+
+def test_float64_layer_needs_the_reference_backend():
+    """As nn.Conv2d: a .double() layer takes float64 input; the Triton kernels do not, and say so."""
+    torch.manual_seed(0)
+    layer = SelfAttention2d(4, 8, kernel_size=3, heads=2, stride=2, backend="reference").double()
+    x = torch.randn(1, 4, 5, 7, dtype=torch.float64)
+    out = layer(x)
+    assert out.dtype == torch.float64 and out.shape == (1, 8, 2, 3)
+    torch.testing.assert_close(out, manual_layer(layer, x), rtol=1e-12, atol=1e-12)
+    layer.backend = "triton"
+    with pytest.raises(TypeError, match="x is float64.*backend='reference'"):
+        layer(x)
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.float16], ids=["f32", "f16"])
+def test_layer_under_autocast_runs_in_the_autocast_dtype(x_dtype):
+    """Under autocast (as nn.Conv2d) x and the layer may differ in dtype, float64 excepted."""
+    torch.manual_seed(0)
     layer = SelfAttention2d(4, 8, kernel_size=3, heads=2, backend="reference")
-    with pytest.raises(ValueError, match="in_channels=4"):
-        layer(torch.randn(1, 5, 6, 6))
-    with pytest.raises(ValueError, match="x must have shape"):
-        layer(torch.randn(4, 6, 6))
-    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
-        layer([1, 2, 3])
+    x = torch.randn(1, 4, 5, 6).to(x_dtype)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+        with pytest.raises(TypeError, match="x has dtype torch.float64.*autocast never casts float64"):
+            layer(x.double())
+    assert out.dtype == torch.bfloat16
+    expected = manual_layer(layer, x)
+    rms = ((out.double() - expected).square().mean() / expected.square().mean()).sqrt()
+    assert rms < 3e-2, rms
 
 
 def _ok():
