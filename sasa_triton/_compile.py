@@ -3,7 +3,8 @@
 `triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))` builds PTX and a cubin for an
 H100 without a GPU; the ptxas shipped in the triton wheel (`-v`) reports registers, spills and
 shared memory, and cuobjdump's SASS shows whether tensor-core instructions (HGMMA on sm_90,
-HMMA on sm_80+) are there. Needs compiled (not interpreted) kernels: with TRITON_INTERPRET=1 the
+HMMA on sm_80+) are there and how many instructions the main loop and the rest of the kernel
+hold (the instruction-count proxy of sasa_triton.inspect). Needs compiled (not interpreted) kernels: with TRITON_INTERPRET=1 the
 @triton.jit functions are interpreter objects, so callers run this in a subprocess without it.
 """
 from __future__ import annotations
@@ -209,7 +210,10 @@ def ttgir_loop_trips(ttgir: str) -> list:
 def instructions_per_pixel_head(report: dict, trips: int) -> float:
     """Warp-instructions a program executes per (pixel, head), from a static_report:
     num_warps * (outside + trips * body) / (BLOCK_H * BLOCK_W). Approximate: static counts, so
-    every branch in the loop body counts as taken (see sass_instruction_profile)."""
+    every branch in the loop body counts as taken (see sass_instruction_profile). A loop the
+    compiler unrolled whole has no body (its copies count in `outside`, once each, as they run);
+    one that ptxas unrolled partly would be overcounted (its body holds several iterations; not
+    detected: the TTGIR trip count is from before ptxas)."""
     if not isinstance(trips, int) or isinstance(trips, bool) or trips < 0:
         raise ValueError(f"trips must be a non-negative int, got {trips!r}")
     pixels = report["BLOCK_H"] * report["BLOCK_W"]

@@ -585,7 +585,7 @@ def main(argv=None, prog=None) -> int:
                   f"{r['warp_instructions_per_pixel_head']:8.1f} warp-instructions per (pixel, head)")
         print(f"wrote {args.write_instruction_baseline} (triton {triton.__version__})", file=sys.stderr)
         return 0
-    mismatched = [r for r in records if r.get("loop_trips") is not None and r.get("ttgir_loop_trips")
+    mismatched = [r for r in records if r.get("loop_trips") is not None and (r.get("ttgir_loop_trips") or r["sass_loops"])
                   and r["ttgir_loop_trips"] != [r["loop_trips"]]]
     for r in mismatched:
         notes.append(f"{r['kernel']} {_config_text(r['config'])}: loop trips {r['loop_trips']} from the launch meta, "
