@@ -1,29 +1,34 @@
 """Benchmarks: the SASA op and layer against convolution, FlexAttention and the reference.
 
-    python -m sasa_triton.bench [--quick] [--dtype bf16] [--batch 32] [--kernel-sizes 3 5 7 9 11]
-                                [--providers ...] [--models/--no-models] [--out bench_out]
+    python -m sasa_triton.bench [--full] [--quick] [--dtype bf16] [--batch 32] [--kernel-sizes 7]
+                                [--providers ...] [--models/--no-models] [--out DIR]
 
-Layer benchmark: the paper's ResNet-50 bottleneck widths (56x56x64, 28x28x128, 14x14x256,
-7x7x512, 8 heads) for each window size k, forward and forward+backward, of every provider:
+Default plan (what a user wants first; a few minutes on a GPU): the paper's ResNet-50
+bottleneck widths (56x56x64, 28x28x128, 14x14x256, 7x7x512, 8 heads) at k = 7:
 
-    sasa        the fused Triton op alone (q, k, v views of a channels_last qkv tensor)
-    sasa_layer  SelfAttention2d: fused 1x1 qkv projection + the op
-    conv3x3     nn.Conv2d(C, C, 3), the layer SASA replaces (cudnn.benchmark, channels_last)
-    conv_kxk    nn.Conv2d(C, C, k)
-    dwconv_kxk  depthwise nn.Conv2d(C, C, k, groups=C)
-    reference   the PyTorch reference op (sasa_triton.reference)
-    flex        the op in torch FlexAttention (torch.compile'd; CUDA only)
+    sasa        the fused op alone, fwd and fwd+bwd (q, k, v views of a channels_last qkv tensor;
+                on the CPU its reference path, labelled so)
+    sasa_layer  SelfAttention2d (fused 1x1 qkv projection + the op), fwd+bwd
+    conv3x3     nn.Conv2d(C, C, 3), the layer SASA replaces (cudnn.benchmark, channels_last), fwd+bwd
+    flex        the op in torch FlexAttention (torch.compile'd; CUDA only), fwd
+    reference   the PyTorch reference op (sasa_triton.reference), fwd and fwd+bwd where cheap
 
-Model benchmark: training and inference images/s of SASA-ResNet-26/50 (conv and attention
-stems) and the conv ResNet-26/50 at the same batch, dtype (autocast) and layout.
+then SASA-ResNet-50 against ResNet-50, training and inference images/s. `--full` sweeps
+k in {3, 5, 7, 9, 11}, both passes of every provider (adding conv_kxk, nn.Conv2d(C, C, k), and
+dwconv_kxk, its depthwise form) and ResNet-26/50 with conv and attention stems.
 
 Each row: median time with p20/p80 (triton.testing.do_bench on CUDA, a wall-clock timer on
 CPU), images/s, useful TFLOP/s (multiply-add = 2; forward+backward counts 3x the forward),
 GB/s of the minimal traffic and its fraction of the copy bandwidth measured in the same run,
-peak memory (CUDA). Writes results.csv, PNG plots and a text table under --out.
+peak memory (CUDA). Then the issue-12 target ratios. Writes results.csv, table.txt and PNG plots
+under --out (default bench_out, bench_out_full or bench_out_quick by plan, so runs of different
+plans never overwrite each other).
+
+The benchmark tunes nothing: the kernels use whatever configs sasa_triton.tuning resolves
+(tuned files, else defaults), named in the header.
 
 Without CUDA the same harness runs on the CPU (reference path against CPU convolutions) at a
-small batch and few shapes, clearly labelled: those are not the GPU numbers.
+small batch, clearly labelled: those are not the GPU numbers.
 """
 from __future__ import annotations
 
@@ -50,11 +55,17 @@ CPU_LABEL = "CPU (reference path) — not the GPU numbers the package is judged 
 STAGES = (("56x56x64", 56, 64), ("28x28x128", 28, 128), ("14x14x256", 14, 256), ("7x7x512", 7, 512))
 HEADS = 8
 PROVIDERS = ("sasa", "sasa_layer", "conv3x3", "conv_kxk", "dwconv_kxk", "reference", "flex")
+PASSES = ("fwd", "fwd+bwd")
+# The default plan: the passes a user wants first of each provider (--full runs both of all).
+DEFAULT_PASSES = {"sasa": PASSES, "sasa_layer": ("fwd+bwd",), "conv3x3": ("fwd+bwd",), "flex": ("fwd",),
+                  "reference": PASSES}
 # (model builder, stem) pairs; the builder names are functions of sasa_triton.models.
 MODELS = (("resnet26", "conv"), ("sasa_resnet26", "conv"), ("sasa_resnet26", "attention"),
           ("resnet50", "conv"), ("sasa_resnet50", "conv"), ("sasa_resnet50", "attention"))
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+# A reference row is skipped when one call is estimated to take longer than this (seconds).
+REFERENCE_MAX_SECONDS = 0.5
 
 FIELDS = ("section", "device", "dtype", "provider", "backend", "shape", "batch", "H", "W", "C", "heads", "D", "k",
           "pass", "ms_median", "ms_p20", "ms_p80", "images_per_s", "gflop", "tflops", "mbytes", "gbps",
@@ -112,21 +123,27 @@ def log(msg: str) -> None:
 # ----------------------------------------------------------------------------------------------
 
 class Timer:
-    """Median and p20/p80 of a callable: do_bench on CUDA, wall clock on CPU."""
+    """Median and p20/p80 of a callable: do_bench on CUDA, wall clock on CPU.
 
-    def __init__(self, device: torch.device, quick: bool):
+    mode: "quick" (smoke run), "default" or "full"; the default plan keeps warm-up and repetitions
+    short, since its budget is a few minutes for about forty rows from a cold cache."""
+
+    # do_bench (warmup ms, rep ms) on CUDA; wall-clock budget (s) per row on CPU.
+    CUDA_MS = {"quick": (2, 10), "default": (10, 50), "full": (25, 200)}
+    CPU_S = {"quick": 0.1, "default": 0.3, "full": 0.5}
+
+    def __init__(self, device: torch.device, mode: str = "default"):
         self.device = device
-        self.quick = quick
+        self.mode = mode
 
     def __call__(self, fn, grad_to_none=None, min_reps=3, rep_ms=None):
         if self.device.type == "cuda":
             import triton.testing
-            warmup, rep = (10, 40) if self.quick else (25, 200)
-            rep = rep_ms or rep
-            med, p20, p80 = triton.testing.do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grad_to_none,
+            warmup, rep = self.CUDA_MS[self.mode]
+            med, p20, p80 = triton.testing.do_bench(fn, warmup=warmup, rep=rep_ms or rep, grad_to_none=grad_to_none,
                                                     quantiles=[0.5, 0.2, 0.8])
             return med, p20, p80
-        budget = 0.15 if self.quick else 0.5
+        budget = self.CPU_S[self.mode]
         fn()  # warm-up (allocator, one-time dispatch)
         times, start = [], time.perf_counter()
         while len(times) < min_reps or (time.perf_counter() - start < budget and len(times) < 30):
@@ -147,7 +164,8 @@ class Timer:
 
 
 def measure_bandwidth(device: torch.device, timer: Timer, device_name: str) -> Row:
-    """The memory roof: GB/s (read + write) of a large device-to-device fp32 copy."""
+    """The memory roof: GB/s (read + write) of a large device-to-device fp32 copy (1 GiB on CUDA,
+    past any L2; 64 MiB on CPU, past most last-level caches)."""
     mib = 1024 if device.type == "cuda" else 64
     src = torch.ones(mib * 2**18, device=device)
     dst = torch.empty_like(src)
@@ -160,7 +178,7 @@ def measure_bandwidth(device: torch.device, timer: Timer, device_name: str) -> R
 
 def measure_matmul(device: torch.device, dtype: torch.dtype, timer: Timer, device_name: str) -> Row:
     """The compute roof: dense n x n matmul TFLOP/s (in `dtype` on CUDA, fp32 on CPU)."""
-    n = 8192 if device.type == "cuda" else (512 if timer.quick else 1024)
+    n = 8192 if device.type == "cuda" else 1024
     if device.type == "cpu":
         dtype = torch.float32
     a = torch.randn(n, n, device=device, dtype=dtype)
@@ -210,14 +228,57 @@ def cost(provider: str, B, H, W, C, k, elt: int, backward: bool) -> tuple[int, i
     return flops * (3 if backward else 1), nbytes
 
 
+def reference_seconds(B, H, W, C, k, backward: bool, bandwidth_gbps: float) -> float:
+    """Rough time of one call of the reference op, to skip rows that would take long: per window
+    tap it makes about 9 fp32 activation-sized passes over memory (shifted product, channel sum,
+    weighted value, accumulation) forward, about 3x that with the backward, at the copy
+    bandwidth measured in the same run."""
+    passes = 9 * k * k * (3 if backward else 1)
+    return passes * B * H * W * C * 4 / (bandwidth_gbps * 1e9)
+
+
 # ----------------------------------------------------------------------------------------------
-# Layer benchmark
+# The plan: which rows to time
 # ----------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One row to time. Layers: provider, stage, k, pass (fwd, fwd+bwd); models: builder name,
+    stem, image size, pass (inference, training)."""
+    section: str
+    provider: str
+    shape: str
+    H: int
+    C: int
+    k: int | str
+    pass_: str
+    stem: str = ""
+
+    @property
+    def setup_key(self) -> tuple:
+        """Cases with the same key share one setup (inputs, module, torch.compile)."""
+        return self.section, self.provider, self.stem, self.shape, self.k
+
+    @property
+    def name(self) -> str:
+        if self.section == "model":
+            return _model_label(self.provider, self.stem)
+        return self.provider
+
+    def describe(self) -> str:
+        if self.section == "model":
+            return f"{self.shape} model {self.name} {self.pass_}"
+        return f"{self.shape} k={self.k} {self.provider} {self.pass_}"
+
+
+def _model_label(name: str, stem: str) -> str:
+    return name if name.startswith("resnet") else f"{name}({stem} stem)"
+
 
 def provider_skip_reason(provider: str, device: torch.device) -> str | None:
     """Why `provider` cannot run on `device` (one row with this note replaces its rows), or None."""
-    if provider == "sasa" and device.type != "cuda":
-        return "the Triton kernel needs CUDA (its CPU interpreter is not a benchmark); see sasa_layer/reference"
+    if provider == "reference" and device.type != "cuda":
+        return "on the CPU the sasa rows already run the reference path"
     if provider == "flex":
         from ._bench_flex import flex_available
         if not flex_available():
@@ -225,6 +286,86 @@ def provider_skip_reason(provider: str, device: torch.device) -> str | None:
         if device.type != "cuda":
             return "FlexAttention is benchmarked compiled on CUDA only (tests check it against the reference on CPU)"
     return None
+
+
+def make_plan(args, device, device_name: str, bandwidth_gbps: float) -> tuple[list[Case], list[Row]]:
+    """(cases to time, rows that say why a provider or row was left out)."""
+    cases, left_out = [], []
+    dtype = args.dtype
+
+    def leave_out(provider, note, shape="-", H=0, C=0, k="", pass_="-"):
+        log(f"{provider} {shape} {pass_}: left out: {note}")
+        left_out.append(Row("layer", device_name, dtype, provider, "-", shape, args.batch, H, H, C, HEADS,
+                            C // HEADS if C else "", k, pass_, note=note))
+
+    providers = []
+    for provider in args.providers:
+        reason = provider_skip_reason(provider, device)
+        if reason is None:
+            providers.append(provider)
+        else:
+            leave_out(provider, reason)
+    for name, H, C in (STAGES[i - 1] for i in args.stages):
+        for provider in providers:
+            passes = PASSES if args.full else DEFAULT_PASSES.get(provider, PASSES)
+            for k in ([3] if provider == "conv3x3" else args.kernel_sizes):
+                if provider == "conv_kxk" and k == 3 and "conv3x3" in providers:
+                    continue  # the same layer as conv3x3
+                for pass_ in passes:
+                    if provider == "reference":
+                        seconds = reference_seconds(args.batch, H, H, C, k, pass_ == "fwd+bwd", bandwidth_gbps)
+                        if seconds > REFERENCE_MAX_SECONDS:
+                            leave_out(provider, f"skipped: one call would take about {seconds:.1f} s "
+                                                f"(estimated from its memory traffic)", name, H, C, k, pass_)
+                            continue
+                    cases.append(Case("layer", provider, name, H, C, k, pass_))
+    if args.models:
+        S = args.image_size
+        for name, stem in MODELS:  # the default plan: conv stems only
+            if int(name.rsplit("resnet", 1)[1]) in args.model_depths and (args.full or stem == "conv"):
+                for pass_ in ("inference", "training"):
+                    cases.append(Case("model", name, f"{S}x{S}", S, 3, 7 if name.startswith("sasa") else "", pass_,
+                                      stem))
+    return cases, left_out
+
+
+# ----------------------------------------------------------------------------------------------
+# Timing the cases
+# ----------------------------------------------------------------------------------------------
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+class Progress:
+    """One stderr line per row, `[ 12/40] 14x14x256 k=7 sasa_layer fwd+bwd  elapsed 42s  eta 1m20s`,
+    the time left estimated from the mean time of the rows done."""
+
+    def __init__(self, total: int):
+        self.total = total
+        self.done = 0
+        self.start_time = time.perf_counter()
+
+    def begin(self, label: str) -> None:
+        elapsed = time.perf_counter() - self.start_time
+        eta = _duration(elapsed / self.done * (self.total - self.done)) if self.done else "?"
+        width = len(str(self.total))
+        log(f"[{self.done + 1:>{width}}/{self.total}] {label}  elapsed {_duration(elapsed)}  eta {eta}")
+
+    def end(self, row: Row) -> None:
+        self.done += 1
+        if row.ms_median is None:
+            log(f"    {row.note}")
+        elif row.section == "model":
+            log(f"    {row.ms_median:.1f} ms  {row.images_per_s:.1f} img/s")
+        else:
+            log(f"    {row.ms_median:.3f} ms  {row.images_per_s:.0f} img/s  {row.tflops:.3g} TFLOP/s  "
+                f"{row.gbps:.3g} GB/s")
 
 
 def _grad_fn(fn, inputs):
@@ -238,28 +379,32 @@ def _grad_fn(fn, inputs):
     return run
 
 
-def _make_layer_case(provider, B, H, C, k, dtype, device, backend):
+def _make_layer_case(case: Case, args, device, dtype):
     """(fwd callable, inputs needing grads, backend label, note) for one provider and shape."""
+    B, H, C, k = args.batch, case.H, case.C, case.k
     D = C // HEADS
+    cuda = device.type == "cuda"
     gen = torch.Generator(device="cpu").manual_seed(0)
 
     def randn(*shape, std=1.0):
         return (torch.randn(*shape, generator=gen) * std).to(device=device, dtype=dtype)
 
-    if provider in ("sasa", "reference", "flex"):
+    if case.provider in ("sasa", "reference", "flex"):
         # q, k, v as views of a channels_last (B, H, W, 3, heads, D) qkv tensor, as the layer sees them.
         qkv = randn(B, H, H, 3, HEADS, D, std=D ** -0.25).requires_grad_()
         rel_rows = randn(k, D // 2, std=D ** -0.5).requires_grad_()
         rel_cols = randn(k, D - D // 2, std=D ** -0.5).requires_grad_()
         inputs = [qkv, rel_rows, rel_cols]
-        if provider == "sasa":
+        if case.provider == "sasa":
             from .ops.local_attention import local_attention2d
+            backend = "triton" if cuda else "reference"
 
             def fwd():
                 q, kk, v = qkv.unbind(3)
-                return local_attention2d(q, kk, v, rel_rows, rel_cols, kernel_size=k, backend="triton")
-            return fwd, inputs, "triton", ""
-        if provider == "reference":
+                return local_attention2d(q, kk, v, rel_rows, rel_cols, kernel_size=k, backend=backend)
+            note = "" if cuda else "CPU: local_attention2d's reference path (the Triton kernel needs CUDA)"
+            return fwd, inputs, backend, note
+        if case.provider == "reference":
             from .reference import local_attention2d as reference_op
 
             def fwd():
@@ -281,158 +426,201 @@ def _make_layer_case(provider, B, H, C, k, dtype, device, backend):
         return (lambda: compiled(qkv, rel_rows, rel_cols, block_mask)), inputs, "flex+compile", note
 
     x = randn(B, C, H, H).contiguous(memory_format=torch.channels_last).requires_grad_()
-    if provider == "sasa_layer":
+    if case.provider == "sasa_layer":
         from .modules import SelfAttention2d
-        layer = SelfAttention2d(C, C, kernel_size=k, heads=HEADS, backend=backend)
-        label = backend
+        label = "triton" if cuda else "reference"
+        layer = SelfAttention2d(C, C, kernel_size=k, heads=HEADS, backend=label)
     else:
-        taps = 3 if provider == "conv3x3" else k
-        groups = C if provider.startswith("dw") else 1
+        taps = 3 if case.provider == "conv3x3" else k
+        groups = C if case.provider.startswith("dw") else 1
         layer = nn.Conv2d(C, C, taps, padding=taps // 2, groups=groups, bias=False)
-        label = "cudnn" if device.type == "cuda" else "aten-cpu"
+        label = "cudnn" if cuda else "aten-cpu"
     layer = layer.to(device=device, dtype=dtype, memory_format=torch.channels_last)
     return (lambda: layer(x)), [x, *layer.parameters()], label, ""
 
 
-def bench_layers(args, device, dtype, timer, bandwidth_gbps, device_name) -> list[Row]:
-    rows = []
+def _time_layer(row: Row, case: Case, setup, args, timer: Timer, dtype, bandwidth_gbps: float) -> None:
+    fwd, inputs, row.backend, row.note = setup
+    backward = case.pass_ == "fwd+bwd"
+    if backward:
+        fn = _grad_fn(fwd, inputs)
+    else:
+        def fn():
+            with torch.no_grad():
+                return fwd()
+    row.ms_median, row.ms_p20, row.ms_p80 = timer(fn)
+    row.peak_mem_mb = timer.peak_memory_mb(fn)
     elt = torch.empty((), dtype=dtype).element_size()
-    backend = "triton" if device.type == "cuda" else "reference"
-    stages = [STAGES[i - 1] for i in args.stages]
-    cases = []
-    providers = []
-    for provider in args.providers:
-        reason = provider_skip_reason(provider, device)
-        if reason is None:
-            providers.append(provider)
-        else:
-            log(f"layer provider {provider} skipped: {reason}")
-            rows.append(Row("layer", device_name, DTYPE_NAMES[dtype], provider, "-", "-", args.batch, 0, 0, 0, HEADS,
-                            "", "", "-", note=reason))
-    for name, H, C in stages:
-        for provider in providers:
-            for k in ([3] if provider == "conv3x3" else args.kernel_sizes):
-                cases.append((name, H, C, provider, k))
-    total = 2 * len(cases)
-    for index, (name, H, C, provider, k) in enumerate(cases):
-        # One setup (and, for flex, one torch.compile) serves both passes.
-        case, failure = None, None
-        for backward in (False, True):
-            pass_ = "fwd+bwd" if backward else "fwd"
-            row = Row("layer", device_name, DTYPE_NAMES[dtype], provider, "", name, args.batch, H, H, C, HEADS,
-                      C // HEADS, k, pass_)
-            log(f"[{2 * index + 1 + backward}/{total}] layer {name} k={k} {provider} {pass_} ...")
-            try:
-                if failure is not None:
-                    raise failure
-                if case is None:
-                    case = _make_layer_case(provider, args.batch, H, C, k, dtype, device, backend)
-                fwd, inputs, row.backend, row.note = case
-                if backward:
-                    fn = _grad_fn(fwd, inputs)
-                else:
-                    def fn(fwd=fwd):
-                        with torch.no_grad():
-                            return fwd()
-                row.ms_median, row.ms_p20, row.ms_p80 = timer(fn)
-                row.peak_mem_mb = timer.peak_memory_mb(fn)
-            except Exception as e:  # a provider failing (OOM, compile error) must not end the run
-                if case is None:
-                    failure = e  # the setup failed: the other pass would fail the same way
-                row.note = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
-                row.ms_median = row.ms_p20 = row.ms_p80 = row.peak_mem_mb = None
-                rows.append(row)
-                log(f"    {row.note}")
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                continue
-            flops, nbytes = cost(provider, args.batch, H, H, C, k, elt, backward)
-            seconds = row.ms_median * 1e-3
-            row.images_per_s = args.batch / seconds
-            row.gflop = flops / 1e9
-            row.tflops = flops / seconds / 1e12
-            row.mbytes = nbytes / 1e6
-            row.gbps = nbytes / seconds / 1e9
-            row.roofline_frac = row.gbps / bandwidth_gbps
-            rows.append(row)
-            log(f"    {row.ms_median:.3f} ms  {row.images_per_s:.0f} img/s  {row.tflops:.3g} TFLOP/s  "
-                f"{row.gbps:.3g} GB/s")
-        del case
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    return rows
+    flops, nbytes = cost(case.provider, args.batch, case.H, case.H, case.C, case.k, elt, backward)
+    seconds = row.ms_median * 1e-3
+    row.images_per_s = args.batch / seconds
+    row.gflop = flops / 1e9
+    row.tflops = flops / seconds / 1e12
+    row.mbytes = nbytes / 1e6
+    row.gbps = nbytes / seconds / 1e9
+    row.roofline_frac = row.gbps / bandwidth_gbps
 
 
-# ----------------------------------------------------------------------------------------------
-# Model benchmark
-# ----------------------------------------------------------------------------------------------
-
-def bench_models(args, device, dtype, timer, device_name) -> list[Row]:
-    rows = []
-    try:
-        from . import models
-    except ImportError as e:
-        log(f"model benchmark skipped: sasa_triton.models is not available ({e})")
-        return [Row("model", device_name, DTYPE_NAMES[dtype], "-", "", "-", args.batch, args.image_size,
-                    args.image_size, 3, "", "", "", "-", note=f"sasa_triton.models not available: {e}")]
-    backend = "triton" if device.type == "cuda" else "reference"
-    wanted = [(n, s) for n, s in MODELS if any(n.endswith(f"resnet{d}") for d in args.model_depths)]
+def _make_model(case: Case, args, device, dtype):
+    """(model, input, target, autocast context, FLOPs of one forward) of a model case."""
+    from . import models
+    S = args.image_size
+    kwargs = {}
+    if case.provider.startswith("sasa"):
+        kwargs = dict(stem=case.stem, backend="triton" if device.type == "cuda" else "reference")
+    model = getattr(models, case.provider)(**kwargs).to(device=device, memory_format=torch.channels_last)
+    x = torch.randn(args.batch, 3, S, S, device=device).contiguous(memory_format=torch.channels_last)
+    target = torch.randint(0, 1000, (args.batch,), device=device)
     autocast = (torch.autocast(device_type=device.type, dtype=dtype) if dtype != torch.float32
                 else contextlib.nullcontext())
-    S = args.image_size
-    cases = [(n, s, p) for n, s in wanted for p in ("inference", "training")]
-    for index, (name, stem, pass_) in enumerate(cases, 1):
-        provider = name if name.startswith("resnet") else f"{name}({stem} stem)"
-        row = Row("model", device_name, DTYPE_NAMES[dtype] + ("-autocast" if dtype != torch.float32 else ""),
-                  provider, backend if name.startswith("sasa") else ("cudnn" if device.type == "cuda" else "aten-cpu"),
-                  f"{S}x{S}", args.batch, S, S, 3, "", "", 7 if name.startswith("sasa") else "", pass_)
-        log(f"[{index}/{len(cases)}] model {provider} {pass_} ...")
-        try:
-            builder = getattr(models, name)
-            kwargs = dict(stem=stem, backend=backend) if name.startswith("sasa") else {}
-            model = builder(**kwargs).to(device=device, memory_format=torch.channels_last)
-            x = torch.randn(args.batch, 3, S, S, device=device).contiguous(memory_format=torch.channels_last)
-            target = torch.randint(0, 1000, (args.batch,), device=device)
-            if pass_ == "inference":
-                model.eval()
+    return model, x, target, autocast, models.count_flops(model, (args.batch, 3, S, S))
 
-                def fn():
-                    with torch.no_grad(), autocast:
-                        return model(x)
-            else:
-                model.train()
-                opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
 
-                def fn():
-                    opt.zero_grad(set_to_none=True)
-                    with autocast:
-                        loss = F.cross_entropy(model(x), target)
-                    loss.backward()
-                    opt.step()
-            # Model steps take tens of ms: a longer do_bench budget gives the quantiles enough samples.
-            row.ms_median, row.ms_p20, row.ms_p80 = timer(fn, min_reps=2 if args.quick else 3,
-                                                          rep_ms=300 if args.quick else 1500)
-            row.peak_mem_mb = timer.peak_memory_mb(fn)
-            flops = models.count_flops(model, (args.batch, 3, S, S)) * (3 if pass_ == "training" else 1)
-        except ImportError as e:
-            row.note = f"skipped: {e}"
-            rows.append(row)
-            log(f"    {row.note}")
-            continue
-        except Exception as e:
-            row.note = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
-            rows.append(row)
-            log(f"    {row.note}")
+def _time_model(row: Row, case: Case, setup, args, timer: Timer) -> None:
+    model, x, target, autocast, forward_flops = setup
+    if case.pass_ == "inference":
+        model.eval()
+
+        def fn():
+            with torch.no_grad(), autocast:
+                return model(x)
+    else:
+        model.train()
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+        def fn():
+            opt.zero_grad(set_to_none=True)
+            with autocast:
+                loss = F.cross_entropy(model(x), target)
+            loss.backward()
+            opt.step()
+    # Model steps take tens of ms: a longer do_bench budget gives the quantiles enough samples.
+    rep_ms = {"quick": 100, "default": 300, "full": 1500}[timer.mode]
+    row.ms_median, row.ms_p20, row.ms_p80 = timer(fn, min_reps=2 if timer.mode == "quick" else 3, rep_ms=rep_ms)
+    row.peak_mem_mb = timer.peak_memory_mb(fn)
+    seconds = row.ms_median * 1e-3
+    row.images_per_s = args.batch / seconds
+    flops = forward_flops * (3 if case.pass_ == "training" else 1)
+    row.gflop = flops / 1e9
+    row.tflops = flops / seconds / 1e12
+
+
+def _row_of(case: Case, args, device, device_name: str) -> Row:
+    if case.section == "model":
+        sasa = case.provider.startswith("sasa")
+        backend = ("triton" if device.type == "cuda" else "reference") if sasa else \
+                  ("cudnn" if device.type == "cuda" else "aten-cpu")
+        autocast = "-autocast" if args.dtype != "fp32" else ""
+        return Row("model", device_name, args.dtype + autocast, case.name, backend, case.shape, args.batch, case.H,
+                   case.H, 3, "", "", case.k, case.pass_)
+    return Row("layer", device_name, args.dtype, case.provider, "", case.shape, args.batch, case.H, case.H, case.C,
+               HEADS, case.C // HEADS, case.k, case.pass_)
+
+
+def run_cases(cases: list[Case], args, device, dtype, timer: Timer, bandwidth_gbps: float, device_name: str,
+              progress: Progress) -> list[Row]:
+    """Time every case in order; cases with the same setup_key share one setup. A failing case
+    (OOM, compile error) becomes a row with the reason and does not end the run."""
+    rows = []
+    setup_key = setup = failure = None
+    for case in cases:
+        if case.setup_key != setup_key:
+            setup_key, setup, failure = case.setup_key, None, None
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-            continue
-        seconds = row.ms_median * 1e-3
-        row.images_per_s = args.batch / seconds
-        row.gflop = flops / 1e9
-        row.tflops = flops / seconds / 1e12
+        progress.begin(case.describe())
+        row = _row_of(case, args, device, device_name)
+        try:
+            if failure is not None:
+                raise failure  # the setup failed: the other passes would fail the same way
+            if setup is None:
+                try:
+                    setup = (_make_layer_case if case.section == "layer" else _make_model)(case, args, device, dtype)
+                except Exception as error:
+                    failure = error
+                    raise
+            if case.section == "layer":
+                _time_layer(row, case, setup, args, timer, dtype, bandwidth_gbps)
+            else:
+                _time_model(row, case, setup, args, timer)
+        except Exception as e:
+            kind = "skipped" if isinstance(e, ImportError) else "failed"
+            row.note = f"{kind}: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+            row.ms_median = row.ms_p20 = row.ms_p80 = row.peak_mem_mb = None
+            row.images_per_s = row.gflop = row.tflops = row.mbytes = row.gbps = row.roofline_frac = None
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
         rows.append(row)
-        log(f"    {row.ms_median:.1f} ms  {row.images_per_s:.1f} img/s")
+        progress.end(row)
     return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# The issue-12 targets, read off one run
+# ----------------------------------------------------------------------------------------------
+
+# Target ratios (issue 12): op fwd share of the roofline, op fwd+bwd / fwd, layer fwd+bwd / conv3x3
+# fwd+bwd, SASA-ResNet / ResNet images/s in training and inference.
+TARGETS = {"fwd_roofline": 0.35, "bwd_over_fwd": 3.0, "layer_over_conv": 2.0, "training": 0.75, "inference": 0.6}
+
+
+def _verdict(value, target, higher_is_better) -> str:
+    if value is None:
+        return ""
+    return "ok" if (value >= target if higher_is_better else value <= target) else "miss"
+
+
+def target_summary(rows: list[Row], cpu: bool) -> str:
+    """The ratios of the issue-12 targets in this run: op forward share of the copy-bandwidth
+    roofline (>= 35 %), op fwd+bwd / fwd (<= 3x), layer fwd+bwd / conv3x3 fwd+bwd (<= 2x) per
+    stage and k; SASA-ResNet / ResNet training (>= 0.75x) and inference (>= 0.6x) images/s."""
+    timed = {(r.section, r.provider, r.shape, r.k, r.pass_): r for r in rows if r.ms_median is not None}
+
+    def ms(provider, shape, k, pass_):
+        r = timed.get(("layer", provider, shape, k, pass_))
+        return r.ms_median if r else None
+
+    def ratio(a, b):
+        return a / b if a is not None and b is not None else None
+
+    table = [("stage", "k", "op fwd GB/s", "fwd / roofline (>= 35 %)", "op fwd+bwd / fwd (<= 3x)",
+              "layer fwd+bwd / conv3x3 fwd+bwd (<= 2x)")]
+    for shape in dict.fromkeys(r.shape for r in rows if r.section == "layer" and r.provider in ("sasa", "sasa_layer")):
+        ks = sorted({r.k for r in rows if r.section == "layer" and r.shape == shape and isinstance(r.k, int)
+                     and r.provider in ("sasa", "sasa_layer")})
+        for k in ks:
+            fwd = timed.get(("layer", "sasa", shape, k, "fwd"))
+            share = fwd.roofline_frac if fwd else None
+            bwd = ratio(ms("sasa", shape, k, "fwd+bwd"), ms("sasa", shape, k, "fwd"))
+            layer = ratio(ms("sasa_layer", shape, k, "fwd+bwd"), ms("conv3x3", shape, 3, "fwd+bwd"))
+            if share is None and bwd is None and layer is None:
+                continue
+            table.append((shape, str(k), _cell(fwd.gbps) if fwd else "-",
+                          f"{100 * share:.1f} % {_verdict(share, TARGETS['fwd_roofline'], True)}" if share else "-",
+                          f"{bwd:.2f}x {_verdict(bwd, TARGETS['bwd_over_fwd'], False)}" if bwd else "-",
+                          f"{layer:.2f}x {_verdict(layer, TARGETS['layer_over_conv'], False)}" if layer else "-"))
+    lines = ["Issue-12 targets (set for k = 7; ratios within this run; ok = target met):"]
+    if cpu:
+        lines.append("(CPU run: the op here is the reference path; the targets are for the GPU kernels)")
+    if len(table) > 1:
+        widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
+        lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in table]
+    for depth in (26, 50):
+        parts = []
+        for pass_ in ("training", "inference"):
+            sasa = next((r for r in rows if r.section == "model" and r.provider == f"sasa_resnet{depth}(conv stem)"
+                         and r.pass_ == pass_ and r.ms_median is not None), None)
+            conv = next((r for r in rows if r.section == "model" and r.provider == f"resnet{depth}"
+                         and r.pass_ == pass_ and r.ms_median is not None), None)
+            if sasa and conv:
+                value = sasa.images_per_s / conv.images_per_s
+                parts.append(f"{pass_} {value:.2f}x (>= {TARGETS[pass_]}x: "
+                             f"{_verdict(value, TARGETS[pass_], True)})")
+        if parts:
+            lines.append(f"SASA-ResNet-{depth} (conv stem) / ResNet-{depth} images/s: " + ", ".join(parts))
+    if len(lines) == 1 + cpu:
+        lines.append("(no rows for them in this run)")
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -512,29 +700,38 @@ def environment(device: torch.device) -> dict:
 # CLI
 # ----------------------------------------------------------------------------------------------
 
-def parse_args(argv=None) -> argparse.Namespace:
+def parse_args(argv=None, prog=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m sasa_triton.bench",
+        prog=prog or "python -m sasa_triton.bench",
         description="SASA op/layer vs convolution (layer benchmark) and SASA-ResNets vs ResNets (model benchmark). "
-                    "Without CUDA runs a small CPU version of the same harness (reference path).")
+                    "By default the four ResNet-50 stages at k = 7 and ResNet-50 (a few minutes on a GPU); --full "
+                    "sweeps window sizes, providers and models. Without CUDA runs a small CPU version of the same "
+                    "harness (reference path). Tunes nothing: the kernels use the configs the header names.")
+    p.add_argument("--full", action="store_true",
+                   help="the full sweep: k in 3 5 7 9 11, every provider with both passes, ResNet-26/50 with conv "
+                        "and attention stems, longer timing")
+    p.add_argument("--quick", action="store_true",
+                   help="short timing and fewer shapes on CPU (a smoke run); writes to its own folder")
     p.add_argument("--dtype", default=None, choices=tuple(DTYPES),
                    help="element type (default: bf16 on CUDA, fp32 on CPU); models use autocast for half types")
     p.add_argument("--batch", type=int, default=None, help="batch size (default: 32 on CUDA, 2 on CPU, 1 with --quick on CPU)")
     p.add_argument("--kernel-sizes", type=int, nargs="+", default=None,
-                   help="window sizes k (default: 3 5 7 9 11 on CUDA; fewer on CPU or with --quick)")
-    p.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS, metavar="PROVIDER",
-                   help=f"layer providers (default: all of {', '.join(PROVIDERS)})")
+                   help="window sizes k (default: 7; with --full 3 5 7 9 11, or 3 7 11 with --quick)")
+    p.add_argument("--providers", nargs="+", default=None, choices=PROVIDERS, metavar="PROVIDER",
+                   help=f"layer providers, of {', '.join(PROVIDERS)} (default: "
+                        f"{' '.join(DEFAULT_PASSES)}; every one with --full)")
     p.add_argument("--stages", type=int, nargs="+", default=None, choices=(1, 2, 3, 4),
                    help="ResNet-50 stages to benchmark, 1 = 56x56x64 ... 4 = 7x7x512 (default: all; 3 4 on CPU with --quick)")
     p.add_argument("--models", dest="models", action="store_true", default=True, help="run the model benchmark (default)")
     p.add_argument("--no-models", dest="models", action="store_false", help="skip the model benchmark")
     p.add_argument("--model-depths", type=int, nargs="+", default=None, choices=(26, 50),
-                   help="ResNet depths of the model benchmark (default: 26 50; 26 on CPU)")
+                   help="ResNet depths of the model benchmark (default: 50; 26 50 with --full; 26 on CPU with --quick)")
     p.add_argument("--image-size", type=int, default=None,
                    help="model input resolution, a multiple of 32 (default: 224 on CUDA, 64 on CPU)")
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
-    p.add_argument("--out", default="bench_out", help="output folder for results.csv, table.txt and the PNGs")
-    p.add_argument("--quick", action="store_true", help="fewer shapes and shorter timing (smoke run, < 1 min on CPU)")
+    p.add_argument("--out", default=None,
+                   help="output folder for results.csv, table.txt and the PNGs (default: bench_out, bench_out_full "
+                        "with --full; --quick adds _quick)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads on the CPU path (default 1: small ops stay fast and timings stable when "
                         "the machine is shared)")
@@ -551,27 +748,72 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def default_out(full: bool, quick: bool) -> str:
+    """bench_out, bench_out_full, bench_out_quick or bench_out_full_quick: one folder per plan."""
+    return "bench_out" + ("_full" if full else "") + ("_quick" if quick else "")
+
+
 def _resolve_defaults(args, device) -> None:
     cuda = device.type == "cuda"
     if args.dtype is None:
         args.dtype = "bf16" if cuda else "fp32"
     if args.batch is None:
         args.batch = 32 if cuda else (1 if args.quick else 2)
+    if args.providers is None:
+        args.providers = list(PROVIDERS if args.full else DEFAULT_PASSES)
     if args.kernel_sizes is None:
-        args.kernel_sizes = ([3, 7, 11] if args.quick else [3, 5, 7, 9, 11]) if cuda else \
-                            ([3, 7] if args.quick else [3, 5, 7])
+        args.kernel_sizes = ([3, 7, 11] if args.quick else [3, 5, 7, 9, 11]) if args.full else [7]
     if args.stages is None:
         args.stages = [1, 2, 3, 4] if (cuda or not args.quick) else [3, 4]
     if args.model_depths is None:
-        args.model_depths = [26, 50] if cuda else [26]
+        args.model_depths = [26, 50] if args.full else ([26] if args.quick and not cuda else [50])
     if args.image_size is None:
         args.image_size = 224 if cuda else 64
     if args.threads is None and not cuda:
         args.threads = 1
+    if args.out is None:
+        args.out = default_out(args.full, args.quick)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+LOCAL_KERNELS = ("local_fwd", "local_bwd_dq", "local_bwd_dkdv")
+
+
+def config_source(device: torch.device, cases=(), dtype=torch.bfloat16) -> str:
+    """Which launch configs the Triton kernels get in this run, for the header. The benchmark
+    itself sets nothing that enables tuning: it times whatever sasa_triton.tuning resolves."""
+    if device.type != "cuda":
+        return "kernel configs: none (no Triton kernel runs on the CPU path)"
+    try:
+        from . import tuning
+        if not getattr(tuning, "tuned_configs_enabled", lambda: True)():
+            source = "default configs only (SASA_TRITON_AUTOTUNE=0: tuned files ignored)"
+        else:
+            found = [path for path in tuning.config_files()
+                     if os.path.exists(path) and tuning.read_tuned_file(path) is not None]
+            source = (f"default configs (no tuned file for {tuning.device_name()!r}; "
+                      f"python -m sasa_triton.autotune writes one)")
+            if found:
+                source = f"tuned file {', '.join(found)}, else default configs"
+                if hasattr(tuning, "tuned_entries"):
+                    keys = {tuning.config_key(kernel, case.k, 1, case.C // HEADS, dtype, case.H, case.H)
+                            for case in cases if case.provider in ("sasa", "sasa_layer") for kernel in LOCAL_KERNELS}
+                    if keys:
+                        tuned = len(keys & set(tuning.tuned_entries()))
+                        source += f" ({tuned} of the {len(keys)} local-attention keys of the layer rows tuned)"
+        # Tuners that still time candidates on first use say so through autotune_mode().
+        in_process = getattr(tuning, "autotune_mode", lambda: "off")()
+    except Exception as e:  # the tuning module's API is not the benchmark's to pin down
+        return f"kernel configs: unknown ({type(e).__name__}: {e})"
+    if in_process == "off":
+        return f"kernel configs: {source}; nothing is tuned in this process"
+    return (f"kernel configs: {source}; autotuning in this process is ON "
+            f"(SASA_TRITON_AUTOTUNE={os.environ.get('SASA_TRITON_AUTOTUNE', '<unset>')}): each new key is tuned "
+            f"on its first call, outside the timed runs but inside the run time")
+
+
+def main(argv=None, prog=None) -> int:
+    """The `python -m sasa_triton.bench` CLI; `prog` is the command name shown in --help."""
+    args = parse_args(argv, prog)
     if args.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
@@ -584,12 +826,12 @@ def main(argv=None) -> int:
     if device.type == "cpu" and args.threads:
         torch.set_num_threads(args.threads)
     try:
-        return _run(args, device, argv)
+        return _run(args, device, argv, prog or "python -m sasa_triton.bench")
     finally:
         torch.set_num_threads(threads)
 
 
-def _run(args, device, argv) -> int:
+def _run(args, device, argv, prog) -> int:
     dtype = DTYPES[args.dtype]
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -597,28 +839,34 @@ def _run(args, device, argv) -> int:
     env = environment(device)
     device_name = env["card"] if device.type == "cuda" else "cpu"
     label = env["card"] if device.type == "cuda" else f"{CPU_LABEL}; {env['card']}"
-    command = "python -m sasa_triton.bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = f"{prog} " + " ".join(argv if argv is not None else sys.argv[1:])
+    plan_name = ("full" if args.full else "default") + (" (quick)" if args.quick else "")
     log(f"sasa_triton.bench on {label}")
-    timer = Timer(device, args.quick)
+    timer = Timer(device, "quick" if args.quick else ("full" if args.full else "default"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        start = time.perf_counter()
         roofs = [measure_bandwidth(device, timer, device_name), measure_matmul(device, dtype, timer, device_name)]
         bandwidth, matmul = roofs[0].gbps, roofs[1].tflops
         log(f"copy bandwidth {bandwidth:.1f} GB/s, {roofs[1].dtype} matmul {matmul:.3g} TFLOP/s")
-        rows = roofs + bench_layers(args, device, dtype, timer, bandwidth, device_name)
-        if args.models:
-            rows += bench_models(args, device, dtype, timer, device_name)
+        cases, left_out = make_plan(args, device, device_name, bandwidth)
+        configs = config_source(device, cases, dtype)
+        log(f"{plan_name} plan, {len(cases)} rows; {configs}")
+        progress = Progress(len(cases))
+        rows = roofs + left_out + run_cases(cases, args, device, dtype, timer, bandwidth, device_name, progress)
+        seconds = time.perf_counter() - start
 
     header = "\n".join([
         f"SASA benchmark — {label}",
         f"date {env['date']}  commit {env['commit']}  torch {env['torch']}  triton {env['triton']}",
         f"command: {command.strip()}",
+        f"{plan_name} plan, {len(cases)} rows in {_duration(seconds)}; {configs}",
         f"dtype {args.dtype}, batch {args.batch}, heads {HEADS}; copy bandwidth {bandwidth:.1f} GB/s "
         f"(roofline = GB/s / this), {roofs[1].dtype} matmul {matmul:.3g} TFLOP/s",
         "times in ms: median (p20, p80); TFLOP/s useful (multiply-add = 2, fwd+bwd = 3x fwd); "
         "GB/s of the minimal traffic",
     ])
-    table = format_table(rows, header)
+    table = format_table(rows, header) + "\n\n" + target_summary(rows, cpu=device.type != "cuda")
     print(table)
     csv_path = os.path.join(args.out, "results.csv")
     write_csv(rows, csv_path)
@@ -629,6 +877,8 @@ def _run(args, device, argv) -> int:
         from ._bench_plot import plot_all
         written += plot_all(rows, args.out, label)
     log("wrote " + ", ".join(written))
+    if args.quick:
+        log(f"(a --quick run: its results are in {args.out}/, apart from the full-timing runs' folders)")
     return 0
 
 

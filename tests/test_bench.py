@@ -1,6 +1,8 @@
 """The benchmark harness (`python -m sasa_triton.bench`) and its FlexAttention baseline."""
 import csv
 import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -8,20 +10,34 @@ import torch
 
 from sasa_triton import bench
 from sasa_triton._bench_flex import flex_available, flex_local_attention2d
-from sasa_triton._bench_plot import load_csv, roofs
+from sasa_triton._bench_plot import find_results, load_csv, plot_models, plot_roofline, roofs
 from sasa_triton.reference import local_attention2d as reference_op
 
 HAS_CUDA = torch.cuda.is_available()
 
 
-def test_quick_cpu_run_writes_csv_table_and_plots(tmp_path, capsys):
-    out = tmp_path / "bench"
-    # --quick on a trimmed grid (one stage, one k, ResNet-26 at 32x32) to keep the test short.
-    argv = ["--quick", "--device", "cpu", "--out", str(out), "--stages", "4", "--kernel-sizes", "3",
-            "--image-size", "32", "--batch", "2"]
+def _resolved(argv, device):
+    args = bench.parse_args(argv)
+    bench._resolve_defaults(args, torch.device(device))
+    return args
+
+
+def test_quick_cpu_run_writes_csv_table_and_plots(tmp_path, monkeypatch, capsys):
+    # No --out: a --quick run goes to its own folder, never over a full run's bench_out/.
+    monkeypatch.chdir(tmp_path)
+    def tuning_environment():
+        return {k: v for k, v in os.environ.items() if k.startswith(("SASA_", "TRITON_"))}
+    environ = tuning_environment()
+    argv = ["--quick", "--device", "cpu", "--stages", "4", "--image-size", "32", "--batch", "2"]
     assert bench.main(argv) == 0
-    printed = capsys.readouterr().out
+    assert tuning_environment() == environ, "the benchmark must not set anything (e.g. enable tuning)"
+    out = tmp_path / "bench_out_quick"
+    assert not (tmp_path / "bench_out").exists()
+    captured = capsys.readouterr()
+    printed = captured.out
     assert bench.CPU_LABEL in printed, "a CPU run must say it is not the GPU numbers"
+    assert "kernel configs: none" in printed and "Issue-12 targets" in printed
+    assert "[1/" in captured.err and "eta" in captured.err, "no progress lines on stderr"
 
     with open(out / "results.csv", newline="") as f:
         reader = csv.DictReader(f)
@@ -30,15 +46,17 @@ def test_quick_cpu_run_writes_csv_table_and_plots(tmp_path, capsys):
     rows = load_csv(out / "results.csv")
     assert len(rows) == len(raw) > 0
     timed = {(r["section"], r["provider"], r["pass"]) for r in rows if r["ms_median"] is not None}
-    for provider in ("sasa_layer", "conv3x3", "conv_kxk", "dwconv_kxk", "reference"):
-        for pass_ in ("fwd", "fwd+bwd"):
-            assert ("layer", provider, pass_) in timed, f"{provider} {pass_} was not timed"
-    for model in ("resnet26", "sasa_resnet26(conv stem)"):
-        for pass_ in ("inference", "training"):
-            assert ("model", model, pass_) in timed, f"{model} {pass_} was not timed"
-    # Providers that cannot run on a CPU are kept as one row with the reason.
+    # The default plan at k = 7 (on a CPU the op's rows run its reference path, labelled so).
+    expected = {("layer", "sasa", "fwd"), ("layer", "sasa", "fwd+bwd"), ("layer", "sasa_layer", "fwd+bwd"),
+                ("layer", "conv3x3", "fwd+bwd")}
+    expected |= {("model", m, p) for m in ("resnet26", "sasa_resnet26(conv stem)") for p in ("inference", "training")}
+    expected |= {("roofline", "copy", "-"), ("roofline", "matmul", "-")}
+    assert timed == expected
+    sasa = [r for r in rows if r["provider"] == "sasa"]
+    assert all(r["backend"] == "reference" and "reference path" in r["note"] and r["k"] == 7 for r in sasa)
+    # Providers that do not run on a CPU are kept as one row with the reason.
     skipped = {r["provider"]: r["note"] for r in rows if r["section"] == "layer" and r["ms_median"] is None}
-    assert set(skipped) == {"sasa", "flex"} and all(skipped.values())
+    assert set(skipped) == {"reference", "flex"} and all(skipped.values())
     for r in rows:
         if r["section"] == "layer" and r["ms_median"] is not None:
             assert r["ms_p20"] <= r["ms_median"] <= r["ms_p80"]
@@ -48,32 +66,168 @@ def test_quick_cpu_run_writes_csv_table_and_plots(tmp_path, capsys):
     assert bandwidth > 0 and matmul > 0
 
     table = (out / "table.txt").read_text()
-    assert bench.CPU_LABEL in table and "conv3x3" in table and "sasa_layer" in table
+    assert bench.CPU_LABEL in table and "conv3x3" in table and "sasa_layer" in table and "Issue-12" in table
     for png in ("layer_throughput.png", "speedup_vs_conv.png", "roofline.png", "models.png"):
         assert (out / png).stat().st_size > 1000, png
 
 
-def test_cpu_defaults_are_small():
-    args = bench.parse_args(["--quick"])
-    bench._resolve_defaults(args, torch.device("cpu"))
-    assert (args.batch, args.stages, args.kernel_sizes, args.dtype) == (1, [3, 4], [3, 7], "fp32")
-    args = bench.parse_args([])
-    bench._resolve_defaults(args, torch.device("cuda"))
-    assert (args.batch, args.stages, args.kernel_sizes, args.dtype) == (32, [1, 2, 3, 4], [3, 5, 7, 9, 11], "bf16")
+def test_readme_example_times_sasa_on_cpu_and_plots_without_warnings(tmp_path):
+    # The README's `--providers sasa conv3x3 --kernel-sizes 7 --no-models`, on one small stage.
+    argv = ["--providers", "sasa", "conv3x3", "--kernel-sizes", "7", "--no-models", "--device", "cpu",
+            "--quick", "--stages", "4", "--batch", "1", "--out", str(tmp_path)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert bench.main(argv) == 0
+    assert not [w for w in caught if "artists" in str(w.message)], [str(w.message) for w in caught]
+    rows = load_csv(tmp_path / "results.csv")
+    timed = {(r["provider"], r["pass"]) for r in rows if r["section"] == "layer" and r["ms_median"] is not None}
+    assert timed == {("sasa", "fwd"), ("sasa", "fwd+bwd"), ("conv3x3", "fwd+bwd")}
+
+
+def test_defaults_per_plan_and_device():
+    args = _resolved(["--quick"], "cpu")
+    assert (args.batch, args.stages, args.kernel_sizes, args.dtype, args.model_depths, args.out) == \
+           (1, [3, 4], [7], "fp32", [26], "bench_out_quick")
+    args = _resolved([], "cuda")
+    assert (args.batch, args.stages, args.kernel_sizes, args.dtype, args.model_depths, args.out) == \
+           (32, [1, 2, 3, 4], [7], "bf16", [50], "bench_out")
+    assert args.providers == ["sasa", "sasa_layer", "conv3x3", "flex", "reference"]
+    args = _resolved(["--full"], "cuda")
+    assert (args.kernel_sizes, args.providers, args.model_depths, args.out) == \
+           ([3, 5, 7, 9, 11], list(bench.PROVIDERS), [26, 50], "bench_out_full")
+    assert _resolved(["--full", "--quick", "--out", "x"], "cuda").out == "x"
     with pytest.raises(SystemExit):
         bench.parse_args(["--kernel-sizes", "4"])
 
 
-def test_flop_and_byte_counts():
-    B, H, W, C, k = 2, 14, 14, 256, 7
-    # The paper's count (sasa_triton.models.flops): 2 * B*H*W*C * (2k^2 + k).
-    assert bench.op_flops(B, H, W, C, k) == 2 * B * H * W * C * (2 * k * k + k)
-    act = B * H * W * C * 2
-    assert bench.cost("sasa", B, H, W, C, k, 2, backward=False) == (bench.op_flops(B, H, W, C, k), 4 * act)
-    assert bench.cost("sasa", B, H, W, C, k, 2, backward=True) == (3 * bench.op_flops(B, H, W, C, k), 12 * act)
-    flops, nbytes = bench.cost("conv3x3", B, H, W, C, k, 2, backward=False)
-    assert flops == 2 * B * H * W * C * C * 9 and nbytes == 2 * act + 9 * C * C * 2
-    assert bench.cost("dwconv_kxk", B, H, W, C, k, 2, backward=False)[0] == 2 * B * H * W * C * k * k
+def test_help_uses_the_callers_command_name(capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--help"], prog="sasa-triton bench")
+    assert capsys.readouterr().out.startswith("usage: sasa-triton bench")
+
+
+def test_default_plan_rows(monkeypatch):
+    # The plan itself needs no GPU: what a CUDA run would time, at the H100's copy bandwidth.
+    monkeypatch.setattr(bench, "provider_skip_reason", lambda provider, device: None)
+    args = _resolved([], "cuda")
+    cases, left_out = bench.make_plan(args, torch.device("cuda"), "gpu", bandwidth_gbps=3000.0)
+    assert left_out == []
+    layer = {(c.provider, c.shape, c.k, c.pass_) for c in cases if c.section == "layer"}
+    for name, _, _ in bench.STAGES:
+        assert {(p, s) for p, s_, k, s in layer if s_ == name} == {
+            ("sasa", "fwd"), ("sasa", "fwd+bwd"), ("sasa_layer", "fwd+bwd"), ("conv3x3", "fwd+bwd"), ("flex", "fwd"),
+            ("reference", "fwd"), ("reference", "fwd+bwd")}
+    assert {k for p, _, k, _ in layer} == {3, 7} and {k for p, _, k, _ in layer if p == "conv3x3"} == {3}
+    models = [(c.name, c.pass_) for c in cases if c.section == "model"]
+    assert models == [("resnet50", "inference"), ("resnet50", "training"),
+                      ("sasa_resnet50(conv stem)", "inference"), ("sasa_resnet50(conv stem)", "training")]
+    assert len(cases) == 32
+    # The full plan: conv_kxk at k = 3 would be conv3x3 again, so it is left out.
+    cases, _ = bench.make_plan(_resolved(["--full"], "cuda"), torch.device("cuda"), "gpu", 3000.0)
+    assert not [c for c in cases if c.provider == "conv_kxk" and c.k == 3]
+    assert {c.name for c in cases if c.section == "model"} == {bench._model_label(n, s) for n, s in bench.MODELS}
+
+
+def test_slow_reference_rows_are_left_out_with_a_note(monkeypatch):
+    monkeypatch.setattr(bench, "provider_skip_reason", lambda provider, device: None)
+    args = _resolved(["--providers", "reference", "--no-models"], "cuda")
+    # At 20 GB/s the 56x56x64 stage (batch 32) would take over half a second per call; 7x7x512 stays.
+    cases, left_out = bench.make_plan(args, torch.device("cuda"), "gpu", bandwidth_gbps=20.0)
+    assert {r.shape for r in left_out} >= {"56x56x64"} and all("skipped" in r.note for r in left_out)
+    assert all(r.ms_median is None for r in left_out)
+    timed = {(c.shape, c.pass_) for c in cases}
+    assert {("7x7x512", "fwd"), ("7x7x512", "fwd+bwd")} <= timed and not {s for s, _ in timed} & {"56x56x64"}
+    seconds = bench.reference_seconds(32, 56, 56, 64, 7, False, 20.0)
+    assert seconds > bench.REFERENCE_MAX_SECONDS
+
+
+def test_progress_lines(capsys):
+    progress = bench.Progress(3)
+    progress.begin("56x56x64 k=7 sasa fwd")
+    progress.end(bench.Row("layer", "cpu", "fp32", "sasa", "", "56x56x64", 1, 56, 56, 64, 8, 8, 7, "fwd",
+                           note="failed: X"))
+    progress.begin("56x56x64 k=7 sasa fwd+bwd")
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("[1/3] 56x56x64 k=7 sasa fwd") and lines[0].endswith("eta ?")
+    assert lines[1].strip() == "failed: X"
+    assert lines[2].startswith("[2/3] 56x56x64 k=7 sasa fwd+bwd") and "eta ?" not in lines[2]
+    assert [bench._duration(s) for s in (5, 80, 3700)] == ["5s", "1m20s", "1h01m"]
+
+
+def _layer_row(provider, shape, k, pass_, ms, roofline_frac=None):
+    return bench.Row("layer", "gpu", "bf16", provider, "", shape, 32, 0, 0, 64, 8, 8, k, pass_, ms_median=ms,
+                     gbps=1.0 if roofline_frac else None, roofline_frac=roofline_frac)
+
+
+def _model_row(provider, pass_, images_per_s):
+    return bench.Row("model", "gpu", "bf16", provider, "", "224x224", 32, 224, 224, 3, "", "", "", pass_,
+                     ms_median=1.0, images_per_s=images_per_s)
+
+
+def test_target_summary_reads_the_issue_12_ratios():
+    rows = [_layer_row("sasa", "56x56x64", 7, "fwd", 0.1, roofline_frac=0.4),
+            _layer_row("sasa", "56x56x64", 7, "fwd+bwd", 0.4),
+            _layer_row("sasa_layer", "56x56x64", 7, "fwd+bwd", 0.6),
+            _layer_row("conv3x3", "56x56x64", 3, "fwd+bwd", 0.4),
+            _layer_row("sasa", "7x7x512", 7, "fwd", 0.1, roofline_frac=0.05),
+            _model_row("resnet50", "training", 1000.0), _model_row("sasa_resnet50(conv stem)", "training", 800.0),
+            _model_row("resnet50", "inference", 1000.0), _model_row("sasa_resnet50(conv stem)", "inference", 500.0)]
+    text = bench.target_summary(rows, cpu=False)
+    line = next(s for s in text.splitlines() if s.startswith("56x56x64"))
+    assert "40.0 % ok" in line and "4.00x miss" in line and "1.50x ok" in line
+    line = next(s for s in text.splitlines() if s.startswith("7x7x512"))
+    assert "5.0 % miss" in line and line.count(" - ") + line.endswith(" -") >= 1
+    assert "training 0.80x (>= 0.75x: ok)" in text and "inference 0.50x (>= 0.6x: miss)" in text
+    assert "CPU run" in bench.target_summary(rows, cpu=True)
+
+
+def test_config_source_names_the_configs_and_sets_nothing(monkeypatch):
+    assert bench.config_source(torch.device("cpu")).startswith("kernel configs: none")
+    monkeypatch.setenv("SASA_TRITON_AUTOTUNE", "0")
+    text = bench.config_source(torch.device("cuda"))  # only reads files and the environment
+    assert text.startswith("kernel configs: default configs") and text.endswith("nothing is tuned in this process")
+    monkeypatch.delenv("SASA_TRITON_AUTOTUNE")
+    assert bench.config_source(torch.device("cuda")).startswith("kernel configs:")
+    assert "SASA_TRITON_AUTOTUNE" not in os.environ
+
+
+def test_find_results_searches_up_to_the_project_root(tmp_path, monkeypatch):
+    monkeypatch.delenv("SASA_BENCH_CSV", raising=False)
+    root = tmp_path / "repo"
+    (root / "notebooks").mkdir(parents=True)
+    (root / "pyproject.toml").write_text("")
+    assert find_results(root / "notebooks") is None  # stops at the project root
+    for name, age in (("bench_out", 100), ("bench_out_quick", 0)):
+        (root / name).mkdir()
+        (root / name / "results.csv").write_text("section\n")
+        os.utime(root / name / "results.csv", (1e9 - age, 1e9 - age))
+    assert find_results(root / "notebooks") == str(root / "bench_out_quick" / "results.csv")  # the newest
+    monkeypatch.setenv("SASA_BENCH_CSV", "elsewhere.csv")
+    assert find_results(root / "notebooks") == "elsewhere.csv"
+
+
+def test_roofline_marks_duplicates_and_points_above_the_roof():
+    def row(provider, k, tflops, gbps, pass_="fwd"):
+        return {**bench.Row("layer", "cpu", "fp32", provider, "", "7x7x512", 1, 7, 7, 512, 8, 64, k, pass_,
+                            ms_median=1.0, tflops=tflops, gbps=gbps).as_dict()}
+    roof = [{**bench.Row("roofline", "cpu", "fp32", "copy", "", "", 1, 0, 0, 0, "", "", "", "-", ms_median=1.0,
+                         gbps=10.0).as_dict()},
+            {**bench.Row("roofline", "cpu", "fp32", "matmul", "", "", 1, 0, 0, 0, "", "", "", "-", ms_median=1.0,
+                         tflops=1.0).as_dict()}]
+    below = [row("conv3x3", 3, 0.05, 1.0), row("conv_kxk", 3, 0.05, 1.0), row("sasa", 7, 0.001, 1.0)]
+    fig = plot_roofline(roof + below)
+    ax = fig.axes[0]
+    labels = ax.get_legend_handles_labels()[1]
+    assert "conv3x3" in labels and "conv_kxk" not in labels  # the k = 3 duplicate of conv3x3 is dropped
+    assert not ax.texts
+    fig = plot_roofline(roof + below + [row("sasa", 7, 0.1, 20.0)])  # 20 GB/s against a 10 GB/s roof
+    assert len(fig.axes[0].texts) == 1 and "1 point above the roof" in fig.axes[0].texts[0].get_text()
+
+
+def test_model_plot_leaves_room_for_value_labels():
+    rows = [_model_row("resnet50", "training", 1000.0).as_dict(), _model_row("resnet50", "inference", 3000.0).as_dict()]
+    ax = plot_models(rows).axes[0]
+    assert ax.get_xlim()[1] >= 1.15 * 3000.0
 
 
 FLEX_CASES = [
@@ -136,14 +290,25 @@ def test_flex_matches_reference_gpu_compiled_fwd_bwd(case):
 
 
 @pytest.mark.gpu
-def test_quick_gpu_run(tmp_path):
+def test_default_plan_cli_on_gpu(tmp_path):
+    # The README's command as a user runs it (a child process), the default plan at a small batch
+    # and short timing: every row of the plan is timed on the GPU, nothing fails.
     out = tmp_path / "bench"
-    argv = ["--quick", "--out", str(out), "--stages", "3", "--kernel-sizes", "7", "--no-models",
-            "--providers", "sasa", "sasa_layer", "conv3x3", "flex"]
-    assert bench.main(argv) == 0
+    command = [sys.executable, "-m", "sasa_triton.bench", "--quick", "--batch", "2", "--image-size", "64",
+               "--out", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "kernel configs:" in result.stdout and "Issue-12 targets" in result.stdout
     rows = load_csv(out / "results.csv")
-    layer = [r for r in rows if r["section"] == "layer"]
-    for r in layer:
-        if r["provider"] in ("sasa", "sasa_layer", "conv3x3"):
-            assert r["ms_median"] is not None, f"{r['provider']} {r['pass']}: {r['note']}"
-            assert r["peak_mem_mb"] > 0
+    layer = {(r["provider"], r["shape"], r["pass"]): r for r in rows if r["section"] == "layer"}
+    for name, _, _ in bench.STAGES:
+        for provider, pass_ in (("sasa", "fwd"), ("sasa", "fwd+bwd"), ("sasa_layer", "fwd+bwd"), ("conv3x3", "fwd+bwd"),
+                                ("reference", "fwd"), ("reference", "fwd+bwd")):
+            r = layer[(provider, name, pass_)]
+            assert r["ms_median"] is not None and r["peak_mem_mb"] > 0, f"{provider} {name} {pass_}: {r['note']}"
+        if flex_available():
+            r = layer[("flex", name, "fwd")]
+            assert r["ms_median"] is not None, f"flex {name}: {r['note']}"
+    models = {(r["provider"], r["pass"]): r for r in rows if r["section"] == "model"}
+    assert all(models[(m, p)]["ms_median"] is not None for m in ("resnet50", "sasa_resnet50(conv stem)")
+               for p in ("inference", "training")), models
