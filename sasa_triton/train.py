@@ -9,13 +9,13 @@ regenerates the same data from --seed.
 Single process:     python -m sasa_triton.train --epochs 4 --out sasa_toy.pt   (or: sasa-triton train)
 Several processes:  torchrun --nproc_per_node 2 -m sasa_triton.train   (DDP: nccl on CUDA, gloo on
                     CPU; the training set is sharded with a DistributedSampler; rank 0 prints
-                    and saves)
+                    and, with --out, saves)
 
 On CPU the attention runs on the PyTorch reference (backend "auto"); on CUDA on the Triton
 kernels. `--device cuda` means cuda:0 in one process and cuda:LOCAL_RANK under torchrun.
 `--amp bf16|fp16` runs the forward under torch.autocast (fp16 with a gradient scaler).
-Nothing is written unless `--out` is given. The checkpoint holds {"model": state_dict, "model_config": build_model kwargs, "args",
-"history"}; reload with `build_model(**ckpt["model_config"]).load_state_dict(ckpt["model"])`.
+Nothing is written unless `--out` is given. The checkpoint holds {"model": state_dict,
+"model_config": build_model kwargs, "args", "history"}; reload with `build_model(**ckpt["model_config"]).load_state_dict(ckpt["model"])`.
 """
 from __future__ import annotations
 
