@@ -2,6 +2,7 @@
 as fused Triton kernels for PyTorch."""
 from . import models, reference
 from .modules import SelfAttention2d
+from .ops.attention_stem import attention_stem2d
 from .ops.local_attention import local_attention2d
 from .ops.spatial_attention import spatial_attention2d
 from .stem import AttentionStem, SpatialAttention2d

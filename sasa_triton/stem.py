@@ -1,13 +1,24 @@
-"""The paper's spatially-aware attention stem (SPEC section 2): thin modules around
-`spatial_attention2d`."""
+"""The paper's spatially-aware attention stem (SPEC section 2): thin modules around the fused ops.
+
+With few input channels (the stem's image: C_in <= 8) on the Triton path, SpatialAttention2d runs
+`attention_stem2d`, which reads x and writes y and nothing else per pixel: the 1x1 projections
+and the value mixture happen inside the kernels. `spatial_attention2d` (a 1x1 conv writes q, k and
+the M value maps, 384 channels per pixel for the paper's stem, and the kernel reads them back)
+still serves wider inputs (C_in > 8, where the fused op's per-key reads of every input channel
+stop paying); the PyTorch reference serves the CPU without the interpreter. The parameters are
+the same on every route: one fused 1x1 conv weight [W_Q | W_K | W_V^0 .. W_V^{M-1}], emb_row,
+emb_col and nu.
+"""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from ._utils import BACKENDS, PADDINGS, WINDOWS, check_choice, check_positive_int
+from ._utils import BACKENDS, PADDINGS, WINDOWS, check_choice, check_positive_int, resolve_backend
 from .modules import _check_channels, check_image_input
+from .ops.attention_stem import attention_stem2d
 from .ops.spatial_attention import spatial_attention2d
+from .reference.attention_stem import MAX_IN_CHANNELS
 
 
 class SpatialAttention2d(nn.Module):
@@ -31,7 +42,13 @@ class SpatialAttention2d(nn.Module):
         backend: "auto", "triton" or "reference" (see spatial_attention2d).
 
     Shapes: x (B, in_channels, H, W) -> (B, out_channels, H, W), a channels_last tensor.
+
+    Route (`route(x)`): "fused" (attention_stem2d, in_channels <= fuse_max_in_channels = 8 on
+    the Triton path), "unfused" (1x1 conv + spatial_attention2d kernels, wider inputs) or
+    "reference" (the PyTorch reference: backend="reference", or CPU without the interpreter).
     """
+
+    fuse_max_in_channels = MAX_IN_CHANNELS  # set to 0 on an instance to force the unfused kernels
 
     def __init__(self, in_channels: int, out_channels: int, block_size: int = 4, heads: int = 4,
                  mixtures: int = 4, window: str = "block", padding: str = "zeros", scale: float | None = None,
@@ -68,8 +85,22 @@ class SpatialAttention2d(nn.Module):
         position = self.emb_row[:, None, :] + self.emb_col[None, :, :]  # (bs, bs, E)
         return torch.softmax(position @ self.nu.t(), dim=-1)
 
+    def route(self, x: torch.Tensor) -> str:
+        """"fused", "unfused" or "reference": the path forward(x) takes (see the class docstring)."""
+        if resolve_backend(self.backend, x.device) == "reference":
+            return "reference"
+        return "fused" if self.in_channels <= self.fuse_max_in_channels else "unfused"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_image_input(x, self.in_channels)
+        if self.route(x) == "fused":
+            C = self.out_channels
+            w = self.qkv.weight[:, :, 0, 0]  # ((2 + M) * C, C_in): [W_Q | W_K | W_V^0 .. W_V^{M-1}]
+            y = attention_stem2d(x, w[:C], w[C:2 * C], w[2 * C:].unflatten(0, (self.mixtures, C)),
+                                 self.mixture_weights(), self.heads, block_size=self.block_size, scale=self.scale,
+                                 window=self.window, padding=self.padding, backend="triton")
+            B, H, W = y.shape[:3]
+            return y.reshape(B, H, W, C).permute(0, 3, 1, 2)  # channels_last NCHW view
         qkv = self.qkv(x)
         B, _, H, W = qkv.shape
         # (B, (2+M)C, H, W) -> (B, H, W, 2+M, heads, D): a view; free of copies for channels_last x.

@@ -27,7 +27,8 @@ import triton.language as tl
 
 from .. import tuning
 from .._library import attention_outputs, autocast_inputs, define_op, is_fake, launchable
-from .._utils import check_kernel_dtype, dot_precision, check_spatial_attention_args, resolve_backend
+from .._utils import (check_kernel_dtype, check_spatial_attention_args, dot_precision, interpreter_enabled,
+                      resolve_backend)
 
 LOG2E = 1.4426950408889634
 
@@ -699,8 +700,14 @@ def spatial_attention2d(q, k, values, mix, block_size=4, scale=1.0, window="bloc
     if q.shape[-1] > 128:
         raise ValueError(f"the Triton kernels support a head dim D <= 128, got D={q.shape[-1]} "
                          f"(use backend='reference')")
+    out_dtype = q.dtype
+    if interpreter_enabled():
+        # The interpreter mishandles bf16 (garbage values): compute in fp32, return bf16 (autograd
+        # through the casts).
+        q, k, values = (t.float() if t.dtype == torch.bfloat16 else t for t in (q, k, values))
+        mix = mix.float() if mix.dtype == torch.bfloat16 else mix
     y, _ = _spatial_attention2d_fwd(q, k, values, mix, block_size, float(scale), window, padding)
-    return y
+    return y.to(out_dtype)
 
 
 def static_specs(shape=(32, 224, 224, 4, 16), dtype=torch.bfloat16, block_size=4, mixtures=4, window="block",

@@ -1,0 +1,343 @@
+"""attention_stem2d (the stem's attention straight from the image, issue 13): the Triton kernels
+against the float64 reference, forward and every gradient, and the stem modules on top of it.
+
+Without CUDA the kernels run through Triton's interpreter (tests/conftest.py): shapes stay tiny.
+"""
+import pytest
+import torch
+
+import sasa_triton
+from sasa_triton import AttentionStem, SpatialAttention2d
+from sasa_triton.ops.attention_stem import _bwd, _fwd, stem_tables
+from sasa_triton.reference import attention_stem2d as reference
+from sasa_triton.reference import spatial_attention2d as spatial_reference
+
+from helpers import assert_close
+
+GRAD_NAMES = ["x", "w_q", "w_k", "w_v", "emb_row", "emb_col", "nu"]
+
+
+def make_inputs(B, C_in, H, W, C_out, M, block_size, dtype, channels_last=False, seed=0, embed_dim=4):
+    """x (rounded to dtype), the projections and the mixture embeddings, float64 leaves."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, C_in, H, W, generator=gen, dtype=torch.float64).to(dtype).double()
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    # Weights of the 1x1 conv's scale (fan-in C_in) keep the logits O(1), as in the module.
+    w_q, w_k = (torch.randn(C_out, C_in, generator=gen, dtype=torch.float64) * 0.6 for _ in range(2))
+    w_v = torch.randn(M, C_out, C_in, generator=gen, dtype=torch.float64) * 0.6
+    emb_row, emb_col = (torch.randn(block_size, embed_dim, generator=gen, dtype=torch.float64) for _ in range(2))
+    nu = torch.randn(M, embed_dim, generator=gen, dtype=torch.float64)
+    return [x, w_q, w_k, w_v, emb_row, emb_col, nu]
+
+
+def mixture(emb_row, emb_col, nu):
+    """p(a, b, m) = softmax_m((emb_row[a] + emb_col[b]) . nu[m]), as SpatialAttention2d forms it."""
+    return torch.softmax((emb_row[:, None, :] + emb_col[None, :, :]) @ nu.t(), dim=-1)
+
+
+def run_both(inputs, heads, block_size, window, padding, dtype, device, scale=0.8, seed=1):
+    """The Triton op on `dtype` x (fp32 weights) and the float64 reference: y and the gradients of
+    every leaf (x, w_q, w_k, w_v, emb_row, emb_col, nu)."""
+    memory_format = torch.channels_last if inputs[0].is_contiguous(memory_format=torch.channels_last) \
+        and not inputs[0].is_contiguous() else torch.contiguous_format
+    kernel_leaves = [inputs[0].to(device, dtype).contiguous(memory_format=memory_format).requires_grad_(True)]
+    kernel_leaves += [t.to(device, torch.float32).requires_grad_(True) for t in inputs[1:]]
+    reference_leaves = [t.clone().requires_grad_(True) for t in inputs]
+    kwargs = dict(heads=heads, block_size=block_size, scale=scale, window=window, padding=padding)
+
+    def call(op, leaves, **extra):
+        x, w_q, w_k, w_v, emb_row, emb_col, nu = leaves
+        return op(x, w_q, w_k, w_v, mixture(emb_row, emb_col, nu), **kwargs, **extra)
+
+    out = call(sasa_triton.attention_stem2d, kernel_leaves, backend="triton")
+    expected = call(reference, reference_leaves)
+    dy = torch.randn(expected.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    grads = torch.autograd.grad(out, kernel_leaves, dy.to(device, dtype))
+    expected_grads = torch.autograd.grad(expected, reference_leaves, dy)
+    return out, expected, grads, expected_grads
+
+
+def check_all(out, expected, grads, expected_grads, dtype, weight_dtype=torch.float32):
+    assert out.dtype == dtype and out.shape == expected.shape and out.is_contiguous()
+    assert_close(out, expected, dtype, "y")
+    for name, g, e in zip(GRAD_NAMES, grads, expected_grads):
+        assert g.dtype == (dtype if name == "x" else weight_dtype), name
+        if name == "w_v":  # each W_V^m on its own
+            for m in range(g.shape[0]):
+                assert_close(g[m], e[m], dtype, f"w_v[{m}]")
+        else:
+            assert_close(g, e, dtype, name)
+
+
+# --------------------------------------------------------------------------------------------
+# The reference
+# --------------------------------------------------------------------------------------------
+
+def test_reference_is_the_projections_then_the_spatial_op():
+    """The reference's q, k and value maps are the 1x1 projections W x of every pixel."""
+    x, w_q, w_k, w_v, emb_row, emb_col, nu = make_inputs(1, 3, 5, 6, 8, 3, 2, torch.float64)
+    mix = mixture(emb_row, emb_col, nu)
+    out = reference(x, w_q, w_k, w_v, mix, heads=2, block_size=2, scale=0.6, window="sliding", padding="mask")
+    pixels = x.permute(0, 2, 3, 1)  # (B, H, W, C_in)
+    q, k = (torch.stack([pixels @ w[o] for o in range(8)], -1).unflatten(-1, (2, 4)) for w in (w_q, w_k))
+    values = torch.stack([torch.stack([pixels @ w_v[m, o] for o in range(8)], -1) for m in range(3)], 3)
+    expected = spatial_reference(q, k, values.unflatten(-1, (2, 4)), mix, block_size=2, scale=0.6,
+                                 window="sliding", padding="mask")
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+
+
+# --------------------------------------------------------------------------------------------
+# The Triton kernels against the float64 reference
+# --------------------------------------------------------------------------------------------
+
+CASES = [
+    # B, H, W, C_out, heads, M, block_size, window, padding, channels_last
+    pytest.param(2, 7, 9, 16, 2, 3, 4, "block", "zeros", False, id="B2-H7-W9-C16-h2-M3-bs4-block-zeros"),
+    pytest.param(1, 5, 11, 8, 2, 2, 3, "block", "mask", True, id="B1-H5-W11-C8-h2-M2-bs3-block-mask-cl"),
+    pytest.param(1, 6, 5, 16, 2, 4, 4, "sliding", "zeros", True, id="B1-H6-W5-C16-h2-M4-bs4-sliding-zeros-cl"),
+    pytest.param(1, 9, 7, 12, 2, 2, 3, "sliding", "mask", False, id="B1-H9-W7-C12-h2-M2-bs3-sliding-mask"),
+    pytest.param(1, 12, 6, 8, 2, 2, 2, "block", "zeros", True, id="B1-H12-W6-C8-h2-M2-bs2-block-zeros-cl"),
+]
+
+
+@pytest.mark.parametrize("B,H,W,C_out,heads,M,block_size,window,padding,channels_last", CASES)
+def test_forward_backward_fp32(B, H, W, C_out, heads, M, block_size, window, padding, channels_last, device):
+    inputs = make_inputs(B, 3, H, W, C_out, M, block_size, torch.float32, channels_last)
+    results = run_both(inputs, heads, block_size, window, padding, torch.float32, device)
+    check_all(*results, torch.float32)
+    dx = results[2][0]  # in x's layout
+    assert dx.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+@pytest.mark.parametrize("B,H,W,C_out,heads,M,block_size,window,padding,channels_last", [CASES[0], CASES[3]])
+def test_forward_backward_fp16(B, H, W, C_out, heads, M, block_size, window, padding, channels_last, device):
+    inputs = make_inputs(B, 3, H, W, C_out, M, block_size, torch.float16, channels_last, seed=4)
+    check_all(*run_both(inputs, heads, block_size, window, padding, torch.float16, device), torch.float16)
+
+
+@pytest.mark.parametrize("C_in", [1, 8])
+def test_other_input_channel_counts(C_in, device):
+    inputs = make_inputs(1, C_in, 5, 6, 8, 2, 2, torch.float32, seed=5)
+    check_all(*run_both(inputs, 2, 2, "sliding", "zeros", torch.float32, device), torch.float32)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="pins the interpreter's bf16 handling")
+def test_bf16_under_the_interpreter_matches_the_reference():
+    """The interpreter mishandles bf16; the op computes in fp32 there and returns bf16 (with bf16
+    gradients for x): no silent garbage."""
+    inputs = make_inputs(1, 3, 6, 7, 8, 2, 2, torch.bfloat16, seed=6)
+    check_all(*run_both(inputs, 2, 2, "block", "mask", torch.bfloat16, "cpu"), torch.bfloat16)
+
+
+@pytest.mark.parametrize("window,padding", [("block", "zeros"), ("sliding", "mask")])
+def test_poisoned_buffers_and_several_tiles_per_program(window, padding, device):
+    """Other tiles (not multiples of the block), several tiles per backward program, NaN-poisoned
+    y, lse and dx: every element is written and matches the reference."""
+    B, H, W, C_out, heads, M, bs = 2, 7, 10, 8, 2, 2, 3
+    x, w_q, w_k, w_v, emb_row, emb_col, nu = make_inputs(B, 3, H, W, C_out, M, bs, torch.float32, seed=7)
+    mix = mixture(emb_row, emb_col, nu)
+    qk, w_eff = stem_tables(w_q, w_k, w_v, mix, heads, scale=0.9)
+    x32, qk32, w_eff32 = (t.float().to(device) for t in (x, qk, w_eff))
+    y = torch.full((B, H, W, heads, C_out // heads), float("nan"), device=device)
+    lse = torch.full((B, heads, H, W), float("nan"), device=device)
+    common = dict(num_warps=4, num_stages=1)
+    y, lse = _fwd(x32, qk32, w_eff32, heads, bs, window, padding, y=y, lse=lse,
+                  config=dict(TILE_H=2, TILE_W=8, **common))
+    assert torch.isfinite(lse).all()
+    leaves = [t.clone().requires_grad_(True) for t in (x, qk, w_eff)]
+    expected = reference_from_tables(*leaves, heads, bs, window, padding)
+    assert_close(y, expected, torch.float32, "y")
+
+    dy = torch.randn(expected.shape, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    dx = torch.full_like(x32, float("nan"))
+    got = _bwd(x32, qk32, w_eff32, lse, dy.float().to(device), heads, bs, window, padding, dx=dx,
+               config=dict(TILE_H=4, TILE_W=4, TILES_PER_PROGRAM=3, **common),
+               config_dx=dict(TILE_H=1, TILE_W=16, **common))
+    assert got[0] is dx
+    for name, g, e in zip(["dx", "dqk", "dw_eff"], got, torch.autograd.grad(expected, leaves, dy)):
+        assert_close(g, e, torch.float32, name)
+
+
+def reference_from_tables(x, qk, w_eff, heads, block_size, window, padding):
+    """The attention of the fused formulation written with the tables directly (float64):
+    logit = x_key^T QK^h x_query, v = W_eff(a, b) x_key."""
+    B, C_in, H, W = x.shape
+    bs, C_out = block_size, w_eff.shape[2]
+    D = C_out // heads
+    pixels = x.permute(0, 2, 3, 1)
+    u = torch.einsum("hce,bije->bijhc", qk, pixels)  # QK^h x_query
+    y = torch.zeros(B, H, W, heads, D, dtype=x.dtype)
+    for i in range(H):
+        for j in range(W):
+            logits, values = [], []
+            for a in range(bs):
+                for b in range(bs):
+                    r, c = ((i // bs) * bs + a, (j // bs) * bs + b) if window == "block" else \
+                        (i - bs // 2 + a, j - bs // 2 + b)
+                    inside = 0 <= r < H and 0 <= c < W
+                    if padding == "mask" and not inside:
+                        continue
+                    key = pixels[:, r, c] if inside else torch.zeros(B, C_in, dtype=x.dtype)
+                    logits.append(torch.einsum("bhc,bc->bh", u[:, i, j], key))
+                    values.append((w_eff[a, b] @ key[:, :, None])[..., 0].unflatten(-1, (heads, D)))
+            p = torch.softmax(torch.stack(logits, -1), -1)  # (B, heads, taps)
+            y[:, i, j] = sum(p[..., t, None] * v for t, v in enumerate(values))
+    return y
+
+
+def test_saved_tensors_are_x_the_weights_and_lse(device):
+    """Autograd keeps x, weight-sized tensors and one log-sum-exp per (pixel, head): nothing with
+    C_out channels per pixel, nothing of block_size**2 per pixel."""
+    B, H, W, C_out, heads, M, bs = 1, 7, 11, 16, 2, 3, 4  # H, W: no weight has a dimension of 7 or 11
+    leaves = [t.float().to(device).requires_grad_(True)
+              for t in make_inputs(B, 3, H, W, C_out, M, bs, torch.float32, seed=9)]
+    x, w_q, w_k, w_v, emb_row, emb_col, nu = leaves
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = sasa_triton.attention_stem2d(x, w_q, w_k, w_v, mixture(emb_row, emb_col, nu), heads, bs,
+                                           backend="triton")
+    per_pixel = [t for t in saved if H in t.shape or W in t.shape]
+    assert [tuple(t.shape) for t in per_pixel] == [(B, 3, H, W), (B, heads, H, W)], [tuple(t.shape) for t in saved]
+    assert per_pixel[0] is x and per_pixel[1].dtype == torch.float32
+    tables = bs * bs * C_out * 3  # the largest weight-sized tensor: W_eff
+    assert all(t.numel() <= tables for t in saved if t is not x and t is not per_pixel[1])
+    out.sum().backward()
+
+
+def test_empty_batch(device):
+    x = torch.randn(0, 3, 5, 5, device=device, requires_grad=True)
+    w = torch.randn(8, 3, device=device, requires_grad=True)
+    w_v = torch.randn(2, 8, 3, device=device, requires_grad=True)
+    mix = torch.full((2, 2, 2), 0.5, device=device, requires_grad=True)
+    out = sasa_triton.attention_stem2d(x, w, w, w_v, mix, heads=2, block_size=2, backend="triton")
+    assert out.shape == (0, 5, 5, 2, 4)
+    out.sum().backward()
+    assert torch.all(w.grad == 0) and torch.all(mix.grad == 0)
+
+
+def _args(**overrides):
+    args = dict(x=torch.randn(1, 3, 4, 4), w_q=torch.randn(8, 3), w_k=torch.randn(8, 3), w_v=torch.randn(2, 8, 3),
+                mix=torch.full((2, 2, 2), 0.5), heads=2, block_size=2, scale=1.0, window="block", padding="zeros",
+                backend="reference")
+    args.update(overrides)
+    return args
+
+
+BAD_INPUTS = [
+    pytest.param(dict(x=torch.randn(3, 4, 4)), ValueError, "x must have rank 4", id="x-rank"),
+    pytest.param(dict(x=[1.0]), TypeError, "x must be a torch.Tensor", id="x-not-tensor"),
+    pytest.param(dict(x=torch.randn(1, 9, 4, 4), w_q=torch.randn(8, 9)), ValueError, "1 to 8 channels",
+                 id="x-9-channels"),
+    pytest.param(dict(w_q=torch.randn(8, 4)), ValueError, r"w_q must have shape \(C_out, C_in\)", id="w_q-C_in"),
+    pytest.param(dict(w_k=torch.randn(6, 3)), ValueError, "w_k must have the shape of w_q", id="w_k-shape"),
+    pytest.param(dict(w_v=torch.randn(8, 3)), ValueError, "w_v must have rank 3", id="w_v-rank"),
+    pytest.param(dict(w_v=torch.randn(2, 6, 3)), ValueError, r"w_v must have shape \(M, C_out, C_in\)",
+                 id="w_v-C_out"),
+    pytest.param(dict(mix=torch.full((2, 2, 3), 0.5)), ValueError, r"mix must have shape", id="mix-M"),
+    pytest.param(dict(mix=torch.ones(2, 2, 2, dtype=torch.int64)), TypeError, "mix must be a floating",
+                 id="mix-int"),
+    pytest.param(dict(heads=3), ValueError, r"heads \(3\) must divide C_out \(8", id="heads"),
+    pytest.param(dict(heads=0), ValueError, "heads must be >= 1", id="heads-0"),
+    pytest.param(dict(block_size=2.0), TypeError, "block_size must be an int", id="block_size-float"),
+    pytest.param(dict(scale="1"), TypeError, "scale must be a float", id="scale-str"),
+    pytest.param(dict(window="global"), ValueError, "window must be one of", id="window"),
+    pytest.param(dict(padding="reflect"), ValueError, "padding must be one of", id="padding"),
+    pytest.param(dict(backend="cuda"), ValueError, "backend must be one of", id="backend"),
+]
+
+
+@pytest.mark.parametrize("overrides,error,message", BAD_INPUTS)
+def test_bad_input_raises_clear_errors(overrides, error, message):
+    with pytest.raises(error, match=message):
+        sasa_triton.attention_stem2d(**_args(**overrides))
+
+
+def test_float64_is_refused_by_the_kernels(device):
+    with pytest.raises(TypeError, match="float64"):
+        sasa_triton.attention_stem2d(**_args(x=torch.randn(1, 3, 4, 4, dtype=torch.float64, device=device),
+                                             backend="triton"))
+
+
+# --------------------------------------------------------------------------------------------
+# The stem modules on the fused op
+# --------------------------------------------------------------------------------------------
+
+STATE_DICT_KEYS = ["attention.qkv.weight", "attention.emb_row", "attention.emb_col", "attention.nu", "norm.weight",
+                   "norm.bias", "norm.running_mean", "norm.running_var", "norm.num_batches_tracked"]
+
+
+def test_module_routes():
+    assert SpatialAttention2d(3, 8, heads=2, backend="triton").route(torch.randn(1, 3, 4, 4)) == "fused"
+    assert SpatialAttention2d(9, 8, heads=2, backend="triton").route(torch.randn(1, 9, 4, 4)) == "unfused"
+    assert SpatialAttention2d(3, 8, heads=2, backend="reference").route(torch.randn(1, 3, 4, 4)) == "reference"
+
+
+@pytest.mark.parametrize("window,padding", [("block", "mask"), ("sliding", "zeros")])
+def test_stem_fused_equals_unfused_and_reference(window, padding, device):
+    """AttentionStem on the fused op, on the unfused kernels (1x1 conv + spatial_attention2d) and the
+    float64 reference, from one state dict: outputs and every parameter's gradient agree; the state
+    dict keeps its keys."""
+    torch.manual_seed(10)
+    kwargs = dict(in_channels=3, out_channels=8, block_size=2, heads=2, mixtures=3, pool=2, window=window,
+                  padding=padding)
+    fused = AttentionStem(backend="triton", **kwargs).to(device)
+    unfused = AttentionStem(backend="triton", **kwargs).to(device)
+    unfused.attention.fuse_max_in_channels = 0
+    reference_stem = AttentionStem(backend="reference", **kwargs).double()
+    assert sorted(fused.state_dict()) == sorted(STATE_DICT_KEYS)
+    unfused.load_state_dict(fused.state_dict())
+    reference_stem.load_state_dict({k: v.double() for k, v in fused.state_dict().items()})
+    x = torch.randn(2, 3, 6, 7, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    assert fused.attention.route(x.float().to(device)) == "fused"
+    assert unfused.attention.route(x.float().to(device)) == "unfused"
+    outs = [stem(x.float().to(device)) for stem in (fused, unfused)]
+    expected = reference_stem(x)
+    dy = torch.randn_like(expected)
+    expected.backward(dy)
+    for out, stem in zip(outs, (fused, unfused)):
+        assert_close(out, expected, torch.float32, "stem")
+        out.backward(dy.float().to(device))
+        for (name, p), (_, p_ref) in zip(stem.named_parameters(), reference_stem.named_parameters()):
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+            assert_close(p.grad, p_ref.grad, torch.float32, name)
+
+
+def test_old_state_dicts_load_and_give_the_same_output(device):
+    """A state dict saved from the unfused layout (a (2 + M) * C x C_in x 1 x 1 conv weight) loads
+    into the fused module unchanged, same parameter count, same output."""
+    torch.manual_seed(11)
+    layer = SpatialAttention2d(3, 16, block_size=4, heads=2, mixtures=4, backend="reference")
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    assert state["qkv.weight"].shape == (6 * 16, 3, 1, 1)
+    fused = SpatialAttention2d(3, 16, block_size=4, heads=2, mixtures=4, backend="triton").to(device)
+    fused.load_state_dict(state)
+    assert sum(p.numel() for p in fused.parameters()) == sum(p.numel() for p in layer.parameters())
+    x = torch.randn(1, 3, 8, 5)
+    assert_close(fused(x.to(device)), layer.double()(x.double()), torch.float32, "y")
+
+
+# --------------------------------------------------------------------------------------------
+# GPU only: the stem's shapes in bf16, determinism
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("window,padding", [("block", "zeros"), ("sliding", "mask")])
+def test_gpu_stem_shapes(dtype, window, padding):
+    inputs = make_inputs(2, 3, 30, 27, 64, 4, 4, dtype, channels_last=True, seed=12, embed_dim=16)
+    check_all(*run_both(inputs, 4, 4, window, padding, dtype, "cuda", scale=1.0), dtype)
+
+
+@pytest.mark.gpu
+def test_gpu_backward_is_deterministic():
+    x = torch.randn(4, 3, 224, 224, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    weights = [torch.randn(64, 3, device="cuda", requires_grad=True) for _ in range(2)]
+    w_v = torch.randn(4, 64, 3, device="cuda", requires_grad=True)
+    mix = torch.softmax(torch.randn(4, 4, 4, device="cuda"), -1).requires_grad_(True)
+    x.requires_grad_(True)
+    dy = torch.randn(4, 224, 224, 4, 16, device="cuda", dtype=torch.bfloat16)
+    runs = [torch.autograd.grad(sasa_triton.attention_stem2d(x, *weights, w_v, mix, heads=4), [x, *weights, w_v, mix],
+                                dy) for _ in range(2)]
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
