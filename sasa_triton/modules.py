@@ -49,10 +49,11 @@ class SelfAttention2d(nn.Module):
     Input (as nn.Conv2d, with messages that name x): a floating-point tensor on the parameters'
     device, in the parameters' dtype (float32 by default; layer.half(), .bfloat16() or .double()
     change it); under torch.autocast any of float16, bfloat16, float32 for x and the parameters
-    (the layer then runs in the autocast dtype; autocast never casts float64). H and W must be at least stride. The Triton kernels take float16, bfloat16 and float32:
-    a float64 layer (e.g. for gradcheck) needs backend="reference", which is what "auto" picks on
-    a CPU unless TRITON_INTERPRET=1. Anything else raises TypeError (type, dtype) or ValueError
-    (shape, channels, size, device).
+    (the layer then runs in the autocast dtype; autocast never casts float64). H and W must be
+    at least stride. The Triton kernels take float16, bfloat16 and float32: a float64 layer
+    (e.g. for gradcheck) needs backend="reference", which is what "auto" picks on a CPU unless
+    TRITON_INTERPRET=1. Anything else raises TypeError (type, dtype) or ValueError (shape,
+    channels, size, device).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 7, stride: int = 1,
@@ -94,7 +95,8 @@ class SelfAttention2d(nn.Module):
         check_image_input(x, self.in_channels)
         weight = self.qkv.weight
         if not x.is_floating_point():
-            raise TypeError(f"x must be a floating-point tensor (float16, bfloat16, float32 or float64), got dtype {x.dtype}")
+            raise TypeError(f"x must be a floating-point tensor (float16, bfloat16, float32 or float64), "
+                            f"got dtype {x.dtype}")
         if x.device != weight.device:
             raise ValueError(f"x is on {x.device} but the layer's parameters are on {weight.device}")
         H, W = x.shape[-2:]
