@@ -1,19 +1,23 @@
 """Fused SASA local attention (SPEC section 1): Triton forward and backward kernels.
 
-Algorithm: each program owns a BLOCK_H x BLOCK_W tile of query pixels of one (batch, head) and
-walks the haloed key rows one at a time. Per key row it loads a BLOCK_W + 2r wide strip of K/V
-(padded to a power of two), computes q.k with tl.dot, adds the relative logits
-q[:Dr].rel_rows[a-i] + q[Dr:].rel_cols[b-j] (2k dot products per query, gathered from two small
-tables), masks pairs outside each query's window, and runs an online fp32 softmax with p.v on
-the tensor cores. It stores y and one log-sum-exp per (pixel, head), nothing of size k*k.
-Trade-off: a tile's dots cover every (query, key) pair of the haloed strip, so about
-k*k / ((BLOCK_H + 2r) * KEY_W / BLOCK_H) of the tensor-core work is useful; the op is
-memory-bound, so that waste buys a single pass over K/V.
+Algorithm: a program owns a BLOCK_H x BLOCK_W tile of query pixels of one (batch, head) (2 x 8 on
+one warp by default: 16 queries, one tensor-core row block) and the haloed key strip those queries
+see: BLOCK_H + 2r rows of HALO_W = pow2(BLOCK_W + 2r) columns, taken STEP_ROWS rows at a time
+(all of them in one step at k = 7). Per step, one tl.dot gives every (query, key) logit of the
+step; the relative logits and every mask enter as two additive bias tiles built once per tile
+(columns) or per step (rows) by gathering q.rel_rows and q.rel_cols (2k dot products per query):
+logit = (q.k) * scale + row_bias[query, key row] + col_bias[query, key column], where a bias is
+-inf outside the window (and outside the image for padding="mask"). So each computed logit costs
+about six instructions (scale and two adds, max, exp2, sum), and the online fp32 softmax rescales
+once per step, not once per key row. It stores y and one log-sum-exp per (pixel, head).
+Trade-off: at k = 7 a query computes 8 x 16 = 128 logits for its 49 useful ones (the strip is
+shared by the tile), all on tensor cores; taller tiles waste fewer rows but need more registers.
 
-Backward (flash-attention style, no atomics, deterministic): a query-stationary kernel
-recomputes the probabilities from the log-sum-exp and gives dq, delta = rowsum(dy * y) and
-per-tile partial gradients of the relative tables (summed by torch); a key-stationary kernel
-gives dk and dv.
+Backward (flash-attention style, no atomics, deterministic): a query-stationary kernel recomputes
+the probabilities from the log-sum-exp (folded into the row bias) and gives dq, delta =
+rowsum(dy * y) and per-program partial gradients of the relative tables (summed by torch); a
+key-stationary kernel walks the haloed query strip of a key tile with the same biases transposed
+and gives dk and dv.
 """
 from __future__ import annotations
 
@@ -24,509 +28,581 @@ import triton
 import triton.language as tl
 
 from .. import tuning
-from .._library import attention_outputs, autocast_inputs, define_op, is_fake, launchable
-from .._utils import check_kernel_dtype, dot_precision, check_local_attention_args, resolve_backend
+from .._library import attention_outputs, autocast_inputs, define_op, launchable
+from .._utils import (check_kernel_dtype, check_local_attention_args, dot_precision, interpreter_enabled,
+                      resolve_backend)
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared device functions
+# ----------------------------------------------------------------------------------------------
+
+@triton.jit
+def _program_tile(H, W, heads, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+    """This program's (batch, head) and BLOCK_H x BLOCK_W pixel tile, from a (B * heads, row tiles,
+    column tiles) grid (no integer division but one), and its index in launch order."""
+    batch_head = tl.program_id(0)
+    tile_row = tl.program_id(1)
+    tile_col = tl.program_id(2)
+    pid = (batch_head * tl.num_programs(1) + tile_row) * tl.num_programs(2) + tile_col
+    batch = batch_head // heads
+    head = batch_head - batch * heads
+    row0 = tile_row * BLOCK_H
+    col0 = tile_col * BLOCK_W
+    offs = tl.arange(0, BLOCK_H * BLOCK_W)
+    tile_rows = offs // BLOCK_W  # the pixel's row and column inside the tile
+    tile_cols = offs % BLOCK_W
+    inside = (row0 + tile_rows < H) & (col0 + tile_cols < W)
+    return pid, batch_head, batch.to(tl.int64), head, row0, col0, tile_rows, tile_cols, inside
 
 
 @triton.jit
-def _gather_columns(table, index, KSIZE: tl.constexpr, KPAD: tl.constexpr):
-    """out[i, j] = table[i, index[i, j]] for index in [0, KSIZE) (0 elsewhere); table is (M, KPAD).
-
-    A static where-chain over the k table columns: Triton has no register gather on every
-    supported version, and k <= 15 keeps this cheap.
-    """
-    offs_t = tl.arange(0, KPAD)
-    out = tl.zeros(index.shape, dtype=tl.float32)
-    for t in tl.static_range(KSIZE):
-        column = tl.sum(tl.where(offs_t[None, :] == t, table, 0.0), axis=1)
-        out = tl.where(index == t, column[:, None], out)
-    return out
+def _pixel_ptrs(BASE, batch, head, row0, col0, tile_rows, tile_cols, stride_b, stride_h, stride_w,
+                D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Pointers to the (pixels, channels) block of a (B, H, W, heads, D) tensor whose heads and
+    channels are packed (strides D and 1: the compiler then knows how rows align and vectorises
+    the loads). The tile's origin is an int64 scalar (a batch of large images passes 2**31
+    elements); the offsets inside the tile are int32."""
+    origin = BASE + (batch * stride_b + row0.to(tl.int64) * stride_h + col0 * stride_w + head * D)
+    return origin + (tile_rows[:, None] * stride_h + tile_cols[:, None] * stride_w + tl.arange(0, BLOCK_D)[None, :])
 
 
 @triton.jit
-def _gather_columns_transposed(table, index, KSIZE: tl.constexpr, KPAD: tl.constexpr):
-    """out[i, j] = table[j, index[i, j]] for index in [0, KSIZE) (0 elsewhere); table is (N, KPAD)."""
-    offs_t = tl.arange(0, KPAD)
-    out = tl.zeros(index.shape, dtype=tl.float32)
-    for t in tl.static_range(KSIZE):
-        column = tl.sum(tl.where(offs_t[None, :] == t, table, 0.0), axis=1)
-        out = tl.where(index == t, column[None, :], out)
-    return out
+def _strip_offsets(halo_col, step_row, stride_h, stride_w, D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """int32 offsets of a step's haloed strip from its first row's origin. Channels past D repeat
+    channels 0..D-1 instead of being masked, so the loads stay vectorised; the other operand of
+    every product with them (q, k, v, dy or a table) is zero there, and only [:, :D] is stored."""
+    return (step_row[:, None] * stride_h + halo_col[:, None] * stride_w
+            + (tl.arange(0, BLOCK_D) % D)[None, :])
 
 
 @triton.jit
-def _load_rel_tables(REL_ROWS, REL_COLS, head, stride_rrn, stride_rrt, stride_rrd,
-                     stride_rcn, stride_rct, stride_rcd,
-                     D: tl.constexpr, D_ROWS: tl.constexpr, KSIZE: tl.constexpr,
-                     KPAD: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Both relative tables as (KPAD, BLOCK_D) fp32 tiles laid over q's channels: rel_rows in
-    columns [0, Dr), rel_cols in [Dr, D), zeros elsewhere, so q @ table.T is the q.rel logit."""
+def _rel_logits(x, REL_ROWS, REL_COLS, head, D: tl.constexpr, D_ROWS: tl.constexpr, KSIZE: tl.constexpr,
+                REL_PER_HEAD: tl.constexpr, DOT_PRECISION: tl.constexpr, KPAD: tl.constexpr,
+                BLOCK_D: tl.constexpr):
+    """The relative tables as (KPAD, BLOCK_D) fp32 tiles laid over the channels (rel_rows in
+    [0, Dr), rel_cols in [Dr, D), zeros elsewhere) and x's logits against them: x.rel_rows[t]
+    and x.rel_cols[t] as (pixels, KPAD)."""
+    D_COLS: tl.constexpr = D - D_ROWS
     offs_t = tl.arange(0, KPAD)
     offs_d = tl.arange(0, BLOCK_D)
     t_ok = offs_t[:, None] < KSIZE
-    rows_ok = t_ok & (offs_d[None, :] < D_ROWS)
-    cols_ok = t_ok & (offs_d[None, :] >= D_ROWS) & (offs_d[None, :] < D)
-    rel_rows = tl.load(REL_ROWS + head * stride_rrn + offs_t[:, None] * stride_rrt + offs_d[None, :] * stride_rrd,
-                       mask=rows_ok, other=0.0).to(tl.float32)
-    rel_cols = tl.load(REL_COLS + head * stride_rcn + offs_t[:, None] * stride_rct
-                       + (offs_d[None, :] - D_ROWS) * stride_rcd, mask=cols_ok, other=0.0).to(tl.float32)
-    return rel_rows, rel_cols
+    rows_ptrs = REL_ROWS + head * (KSIZE * D_ROWS * REL_PER_HEAD) + offs_t[:, None] * D_ROWS + offs_d[None, :]
+    cols_ptrs = REL_COLS + head * (KSIZE * D_COLS * REL_PER_HEAD) + offs_t[:, None] * D_COLS + (offs_d[None, :] - D_ROWS)
+    rel_rows = tl.load(rows_ptrs, mask=t_ok & (offs_d[None, :] < D_ROWS), other=0.0).to(tl.float32)
+    rel_cols = tl.load(cols_ptrs, mask=t_ok & (offs_d[None, :] >= D_ROWS) & (offs_d[None, :] < D),
+                       other=0.0).to(tl.float32)
+    x32 = x.to(tl.float32)
+    row_logits = tl.dot(x32, tl.trans(rel_rows), input_precision=DOT_PRECISION)
+    col_logits = tl.dot(x32, tl.trans(rel_cols), input_precision=DOT_PRECISION)
+    return rel_rows, rel_cols, row_logits, col_logits
 
 
 @triton.jit
-def _program_tile(n_tiles, n_tiles_w, heads, H, W, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
-    """This program's (batch, head) and BLOCK_H x BLOCK_W pixel tile: neighbouring programs take
-    neighbouring tiles of one image and head, so their haloes meet in L2."""
-    pid = tl.program_id(0)
-    batch_head = pid // n_tiles
-    tile = pid % n_tiles
-    row0 = (tile // n_tiles_w) * BLOCK_H
-    col0 = (tile % n_tiles_w) * BLOCK_W
-    offs = tl.arange(0, BLOCK_H * BLOCK_W)
-    rows = row0 + offs // BLOCK_W
-    cols = col0 + offs % BLOCK_W
-    inside = (rows < H) & (cols < W)
-    return pid, batch_head, (batch_head // heads).to(tl.int64), batch_head % heads, row0, col0, rows, cols, inside
-
-
-@triton.jit
-def _tile_ptrs(BASE, batch, head, rows, cols, stride_b, stride_h, stride_w, stride_n, stride_d,
-               BLOCK_D: tl.constexpr):
-    """Pointers to the (pixels, channels) block of a (B, H, W, heads, D) tensor; int64 offsets
-    for the batch and row terms (a batch of large images passes 2**31 elements)."""
-    offs_d = tl.arange(0, BLOCK_D)
-    return (BASE + batch * stride_b + head * stride_n + rows.to(tl.int64)[:, None] * stride_h
-            + cols[:, None] * stride_w + offs_d[None, :] * stride_d)
-
-
-@triton.jit
-def _query_tile_window(q, q_col, col0, head, W, REL_ROWS, REL_COLS, stride_rrn, stride_rrt, stride_rrd,
-                       stride_rcn, stride_rct, stride_rcd,
-                       D: tl.constexpr, D_ROWS: tl.constexpr, KSIZE: tl.constexpr, DILATION: tl.constexpr,
-                       HAS_REL: tl.constexpr, DOT_PRECISION: tl.constexpr, KEY_W: tl.constexpr,
-                       KPAD: tl.constexpr, BLOCK_D: tl.constexpr):
-    """What a query tile needs for every key row: the haloed key columns, each query's window
-    column per key column, and the relative logits q.rel (rows per window row; columns already
-    gathered per key column, since they do not change from one key row to the next)."""
+def _window_bias(table, offset, allowed, HAS_REL: tl.constexpr, KSIZE: tl.constexpr, DILATION: tl.constexpr):
+    """bias[p, j] = table[p, offset[p, j] / DILATION] where the offset (key position - query
+    position + radius, along one axis) is a window tap and `allowed`, else -inf."""
     RADIUS: tl.constexpr = DILATION * (KSIZE // 2)
-    key_col = col0 - RADIUS + tl.arange(0, KEY_W)
-    key_col_in = (key_col >= 0) & (key_col < W)
-    col_offset = key_col[None, :] - q_col[:, None] + RADIUS  # (BLOCK_Q, KEY_W)
-    col_ok = (col_offset >= 0) & (col_offset <= 2 * RADIUS) & (col_offset % DILATION == 0)
-    col_index = tl.where(col_ok, col_offset // DILATION, -1)
-    rel_rows = tl.zeros((KPAD, BLOCK_D), dtype=tl.float32)
-    rel_cols = tl.zeros((KPAD, BLOCK_D), dtype=tl.float32)
-    row_logits = tl.zeros((q.shape[0], KPAD), dtype=tl.float32)
-    col_term = tl.zeros((q.shape[0], KEY_W), dtype=tl.float32)
+    ok = allowed & (offset >= 0) & (offset <= 2 * RADIUS)
+    if DILATION > 1:
+        ok = ok & (offset % DILATION == 0)
     if HAS_REL:
-        rel_rows, rel_cols = _load_rel_tables(REL_ROWS, REL_COLS, head, stride_rrn, stride_rrt, stride_rrd,
-                                              stride_rcn, stride_rct, stride_rcd, D, D_ROWS, KSIZE, KPAD, BLOCK_D)
-        q32 = q.to(tl.float32)
-        row_logits = tl.dot(q32, tl.trans(rel_rows), input_precision=DOT_PRECISION)  # (BLOCK_Q, KPAD)
-        col_logits = tl.dot(q32, tl.trans(rel_cols), input_precision=DOT_PRECISION)
-        col_term = _gather_columns(col_logits, col_index, KSIZE, KPAD)
-    return key_col, key_col_in, col_ok, col_index, rel_rows, rel_cols, row_logits, col_term
+        index = tl.where(ok, offset // DILATION, 0)
+        return tl.where(ok, tl.gather(table, index, axis=1), float("-inf"))
+    return tl.where(ok, 0.0, float("-inf"))
 
 
 @triton.jit
-def _key_row_logits(q, q_row, key_row, key_col, key_col_in, col_ok, row_logits, col_term, k_base, v_base,
-                    stride_kh, stride_kw, stride_kd, stride_vh, stride_vw, stride_vd, H,
-                    D: tl.constexpr, KSIZE: tl.constexpr, DILATION: tl.constexpr, HAS_REL: tl.constexpr,
-                    MASK_PADDING: tl.constexpr, DOT_PRECISION: tl.constexpr, KPAD: tl.constexpr,
-                    BLOCK_D: tl.constexpr):
-    """One haloed key row for a query tile: its K and V strips, the unscaled logits
-    q.k + q.rel (BLOCK_Q, KEY_W), which (query, key) pairs are in the window (and in the image
-    for padding="mask"), and each query's window row index for this key row."""
-    RADIUS: tl.constexpr = DILATION * (KSIZE // 2)
-    offs_d = tl.arange(0, BLOCK_D)
-    # A vector of the row, not a scalar: the interpreter turns (tensor & scalar bool) into ints.
-    key_rows = key_row + tl.zeros_like(key_col)
-    key_in = key_col_in & (key_rows >= 0) & (key_rows < H)
-    kv_mask = key_in[:, None] & (offs_d[None, :] < D)
-    kt = tl.load(k_base + key_row.to(tl.int64) * stride_kh + key_col[:, None] * stride_kw
-                 + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
-    vt = tl.load(v_base + key_row.to(tl.int64) * stride_vh + key_col[:, None] * stride_vw
-                 + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
-    logits = tl.dot(q, tl.trans(kt), input_precision=DOT_PRECISION)  # (BLOCK_Q, KEY_W)
-    row_offset = key_row - q_row + RADIUS
-    row_ok = (row_offset >= 0) & (row_offset <= 2 * RADIUS) & (row_offset % DILATION == 0)
-    row_index = row_offset // DILATION
-    if HAS_REL:
-        offs_t = tl.arange(0, KPAD)
-        row_term = tl.sum(tl.where(offs_t[None, :] == row_index[:, None], row_logits, 0.0), axis=1)
-        logits = logits + row_term[:, None] + col_term
-    valid = row_ok[:, None] & col_ok
-    if MASK_PADDING:
-        valid = valid & key_in[None, :]
-    return logits, valid, kt, vt, row_index
+def _window_taps(values, first, position, STEP: tl.constexpr, KSIZE: tl.constexpr, DILATION: tl.constexpr,
+                 KPAD: tl.constexpr):
+    """out[p, t] = values[p, t * DILATION + position[p] - first] (0 where that is outside [0, STEP)
+    or t >= KSIZE): the per-tap sums of one step's dlogits, the mirror of _window_bias."""
+    offs_t = tl.arange(0, KPAD)
+    index = offs_t[None, :] * DILATION + position[:, None] - first
+    ok = (offs_t[None, :] < KSIZE) & (index >= 0) & (index < STEP)
+    return tl.where(ok, tl.gather(values, tl.where(ok, index, 0), axis=1), 0.0)
 
+
+# ----------------------------------------------------------------------------------------------
+# Forward
+# ----------------------------------------------------------------------------------------------
 
 @triton.jit
 def _local_attn_fwd_kernel(
     Q, K, V, REL_ROWS, REL_COLS, Y, LSE,
-    stride_qb, stride_qh, stride_qw, stride_qn, stride_qd,
-    stride_kb, stride_kh, stride_kw, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vw, stride_vn, stride_vd,
-    stride_yb, stride_yh, stride_yw, stride_yn, stride_yd,
-    stride_rrn, stride_rrt, stride_rrd, stride_rcn, stride_rct, stride_rcd,
-    H, W, heads, n_tiles_w, n_tiles, qk_scale,
+    stride_b, stride_h, stride_w,
+    H, W, heads, qk_scale,
     D: tl.constexpr, D_ROWS: tl.constexpr, KSIZE: tl.constexpr, DILATION: tl.constexpr,
-    HAS_REL: tl.constexpr, MASK_PADDING: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, KEY_W: tl.constexpr,
-    KPAD: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_REL: tl.constexpr, REL_PER_HEAD: tl.constexpr, MASK_PADDING: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, HALO_W: tl.constexpr,
+    STEP_ROWS: tl.constexpr, KPAD: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     RADIUS: tl.constexpr = DILATION * (KSIZE // 2)
+    HALO_ROWS: tl.constexpr = BLOCK_H + 2 * RADIUS
     BLOCK_Q: tl.constexpr = BLOCK_H * BLOCK_W
-    pid, batch_head, batch, head, row0, col0, q_row, q_col, q_in = _program_tile(
-        n_tiles, n_tiles_w, heads, H, W, BLOCK_H, BLOCK_W)
+    BLOCK_N: tl.constexpr = STEP_ROWS * HALO_W
+    pid, batch_head, batch, head, row0, col0, q_step_row, q_step_col, q_in = _program_tile(
+        H, W, heads, BLOCK_H, BLOCK_W)
     offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
+    q_mask = q_in[:, None] & (offs_d[None, :] < D)
+    q = tl.load(_pixel_ptrs(Q, batch, head, row0, col0, q_step_row, q_step_col, stride_b, stride_h, stride_w,
+                            D, BLOCK_D), mask=q_mask, other=0.0)
+    row_logits = tl.zeros((BLOCK_Q, KPAD), dtype=tl.float32)
+    col_logits = tl.zeros((BLOCK_Q, KPAD), dtype=tl.float32)
+    if HAS_REL:
+        _, _, row_logits, col_logits = _rel_logits(q, REL_ROWS, REL_COLS, head, D, D_ROWS, KSIZE, REL_PER_HEAD,
+                                                   DOT_PRECISION, KPAD, BLOCK_D)
+    # Column bias, the same for every key row: (BLOCK_Q, HALO_W).
+    halo_col = tl.arange(0, HALO_W)
+    key_col = col0 - RADIUS + halo_col
+    col_in = (key_col >= 0) & (key_col < W)
+    col_allowed = col_in[None, :] if MASK_PADDING else (halo_col < HALO_W)[None, :]
+    col_bias = _window_bias(col_logits * qk_scale, halo_col[None, :] - q_step_col[:, None], col_allowed,
+                            HAS_REL, KSIZE, DILATION)
+    row_logits = row_logits * qk_scale
 
-    q_mask = q_in[:, None] & d_ok[None, :]
-    q = tl.load(_tile_ptrs(Q, batch, head, q_row, q_col, stride_qb, stride_qh, stride_qw, stride_qn, stride_qd,
-                           BLOCK_D), mask=q_mask, other=0.0)
+    # Keys of one step: strip position n = (row in step) * HALO_W + column.
+    offs_n = tl.arange(0, BLOCK_N)
+    n_halo_col = offs_n % HALO_W
+    n_step_row = offs_n // HALO_W
+    n_col_in = (col0 - RADIUS + n_halo_col >= 0) & (col0 - RADIUS + n_halo_col < W)
+    strip_origin = batch * stride_b + (row0 - RADIUS).to(tl.int64) * stride_h + (col0 - RADIUS) * stride_w + head * D
+    strip_offsets = _strip_offsets(n_halo_col, n_step_row, stride_h, stride_w, D, BLOCK_D)
+    step_row = tl.arange(0, STEP_ROWS)
 
-    key_col, key_col_in, col_ok, col_index, rel_rows, rel_cols, row_logits, col_term = _query_tile_window(
-        q, q_col, col0, head, W, REL_ROWS, REL_COLS, stride_rrn, stride_rrt, stride_rrd, stride_rcn, stride_rct,
-        stride_rcd, D, D_ROWS, KSIZE, DILATION, HAS_REL, DOT_PRECISION, KEY_W, KPAD, BLOCK_D)
-
-    k_base = K + batch * stride_kb + head * stride_kn
-    v_base = V + batch * stride_vb + head * stride_vn
     m_i = tl.full((BLOCK_Q,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_Q,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_Q, BLOCK_D), dtype=tl.float32)
-    for key_step in range(0, BLOCK_H + 2 * RADIUS):
-        logits, valid, kt, vt, row_index = _key_row_logits(
-            q, q_row, row0 - RADIUS + key_step, key_col, key_col_in, col_ok, row_logits, col_term, k_base, v_base,
-            stride_kh, stride_kw, stride_kd, stride_vh, stride_vw, stride_vd, H,
-            D, KSIZE, DILATION, HAS_REL, MASK_PADDING, DOT_PRECISION, KPAD, BLOCK_D)
-        logits = tl.where(valid, logits * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(logits, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet stay at zero
+    for first in range(0, HALO_ROWS, STEP_ROWS):
+        key_row = row0 - RADIUS + first + n_step_row
+        kv_mask = (n_col_in & (key_row >= 0) & (key_row < H) & (first + n_step_row < HALO_ROWS))[:, None]
+        kt = tl.load(K + (strip_origin + first * stride_h) + strip_offsets, mask=kv_mask, other=0.0)
+        vt = tl.load(V + (strip_origin + first * stride_h) + strip_offsets, mask=kv_mask, other=0.0)
+        # Row bias of this step: (BLOCK_Q, STEP_ROWS).
+        halo_row = first + step_row
+        row_allowed = (halo_row < HALO_ROWS)[None, :]
+        if MASK_PADDING:
+            strip_row = row0 - RADIUS + halo_row
+            row_allowed = row_allowed & ((strip_row >= 0) & (strip_row < H))[None, :]
+        row_bias = _window_bias(row_logits, halo_row[None, :] - q_step_row[:, None], row_allowed, HAS_REL,
+                                KSIZE, DILATION)
+        logits = tl.dot(q, tl.trans(kt), input_precision=DOT_PRECISION)  # (BLOCK_Q, BLOCK_N)
+        logits = (tl.reshape(logits, (BLOCK_Q, STEP_ROWS, HALO_W)) * qk_scale
+                  + row_bias[:, :, None] + col_bias[:, None, :])
+        m_new = tl.maximum(m_i, tl.max(tl.max(logits, axis=2), axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a query with no key yet stays at zero
         alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(logits - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
+        p = tl.exp2(logits - m_safe[:, None, None])
+        l_i = l_i * alpha + tl.sum(tl.sum(p, axis=2), axis=1)
+        p = tl.reshape(p, (BLOCK_Q, BLOCK_N))
         acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=DOT_PRECISION)
         m_i = m_new
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     y = acc / l_safe[:, None]
-    tl.store(_tile_ptrs(Y, batch, head, q_row, q_col, stride_yb, stride_yh, stride_yw, stride_yn, stride_yd,
-                        BLOCK_D), y.to(Y.dtype.element_ty), mask=q_mask)
-    # Natural-log LSE of the scaled logits; m_i is in log2 units.
-    lse = (m_i + tl.log2(l_safe)) * 0.6931471805599453
-    lse_ptrs = LSE + batch_head.to(tl.int64) * H * W + q_row * W + q_col
-    tl.store(lse_ptrs, lse, mask=q_in)
+    # y and lse are ours, contiguous: (B, H, W, heads, D) and (B, heads, H, W).
+    tl.store(_pixel_ptrs(Y, batch, head, row0, col0, q_step_row, q_step_col, H * W * heads * D, W * heads * D,
+                         heads * D, D, BLOCK_D), y.to(Y.dtype.element_ty), mask=q_mask)
+    lse = (m_i + tl.log2(l_safe)) * 0.6931471805599453  # natural log; m_i is in log2 units
+    tl.store(LSE + batch_head.to(tl.int64) * H * W + ((row0 + q_step_row) * W + col0 + q_step_col), lse, mask=q_in)
 
+
+# ----------------------------------------------------------------------------------------------
+# Backward
+# ----------------------------------------------------------------------------------------------
 
 @triton.jit
 def _local_attn_bwd_dq_kernel(
     Q, K, V, REL_ROWS, REL_COLS, Y, DY, LSE, DELTA, DQ, DREL,
-    stride_qb, stride_qh, stride_qw, stride_qn, stride_qd,
-    stride_kb, stride_kh, stride_kw, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vw, stride_vn, stride_vd,
-    stride_yb, stride_yh, stride_yw, stride_yn, stride_yd,
-    stride_dyb, stride_dyh, stride_dyw, stride_dyn, stride_dyd,
-    stride_dqb, stride_dqh, stride_dqw, stride_dqn, stride_dqd,
-    stride_rrn, stride_rrt, stride_rrd, stride_rcn, stride_rct, stride_rcd,
-    H, W, heads, n_tiles_w, n_tiles, scale,
+    stride_b, stride_h, stride_w,
+    stride_dyb, stride_dyh, stride_dyw,
+    H, W, heads, scale,
     D: tl.constexpr, D_ROWS: tl.constexpr, KSIZE: tl.constexpr, DILATION: tl.constexpr,
-    HAS_REL: tl.constexpr, MASK_PADDING: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, KEY_W: tl.constexpr,
-    KPAD: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_REL: tl.constexpr, REL_PER_HEAD: tl.constexpr, MASK_PADDING: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, HALO_W: tl.constexpr,
+    STEP_ROWS: tl.constexpr, KPAD: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     RADIUS: tl.constexpr = DILATION * (KSIZE // 2)
+    HALO_ROWS: tl.constexpr = BLOCK_H + 2 * RADIUS
     BLOCK_Q: tl.constexpr = BLOCK_H * BLOCK_W
-    pid, batch_head, batch, head, row0, col0, q_row, q_col, q_in = _program_tile(
-        n_tiles, n_tiles_w, heads, H, W, BLOCK_H, BLOCK_W)
+    BLOCK_N: tl.constexpr = STEP_ROWS * HALO_W
+    pid, batch_head, batch, head, row0, col0, q_step_row, q_step_col, q_in = _program_tile(
+        H, W, heads, BLOCK_H, BLOCK_W)
     offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
-    q_mask = q_in[:, None] & d_ok[None, :]
-    q = tl.load(_tile_ptrs(Q, batch, head, q_row, q_col, stride_qb, stride_qh, stride_qw, stride_qn, stride_qd,
-                           BLOCK_D), mask=q_mask, other=0.0)
-    dy = tl.load(_tile_ptrs(DY, batch, head, q_row, q_col, stride_dyb, stride_dyh, stride_dyw, stride_dyn,
-                            stride_dyd, BLOCK_D), mask=q_mask, other=0.0)
-    y = tl.load(_tile_ptrs(Y, batch, head, q_row, q_col, stride_yb, stride_yh, stride_yw, stride_yn, stride_yd,
-                           BLOCK_D), mask=q_mask, other=0.0)
+    d_ok = offs_d[None, :] < D
+    q_mask = q_in[:, None] & d_ok
+    out_b, out_h, out_w = H * W * heads * D, W * heads * D, heads * D  # y, dq: ours, contiguous
+    q = tl.load(_pixel_ptrs(Q, batch, head, row0, col0, q_step_row, q_step_col, stride_b, stride_h, stride_w,
+                            D, BLOCK_D), mask=q_mask, other=0.0)
+    dy = tl.load(_pixel_ptrs(DY, batch, head, row0, col0, q_step_row, q_step_col, stride_dyb, stride_dyh,
+                             stride_dyw, D, BLOCK_D), mask=q_mask, other=0.0)
+    y = tl.load(_pixel_ptrs(Y, batch, head, row0, col0, q_step_row, q_step_col, out_b, out_h, out_w, D, BLOCK_D),
+                mask=q_mask, other=0.0)
     delta = tl.sum(dy.to(tl.float32) * y.to(tl.float32), axis=1)
-    stat_offsets = batch_head.to(tl.int64) * H * W + q_row * W + q_col
-    tl.store(DELTA + stat_offsets, delta, mask=q_in)
-    lse2 = tl.load(LSE + stat_offsets, mask=q_in, other=0.0) * 1.4426950408889634
+    stat_origin = batch_head.to(tl.int64) * H * W
+    stat_offsets = (row0 + q_step_row) * W + col0 + q_step_col
+    tl.store(DELTA + stat_origin + stat_offsets, delta, mask=q_in)
+    lse2 = tl.load(LSE + stat_origin + stat_offsets, mask=q_in, other=0.0) * 1.4426950408889634
     qk_scale = scale * 1.4426950408889634
 
-    key_col, key_col_in, col_ok, col_index, rel_rows, rel_cols, row_logits, col_term = _query_tile_window(
-        q, q_col, col0, head, W, REL_ROWS, REL_COLS, stride_rrn, stride_rrt, stride_rrd, stride_rcn, stride_rct,
-        stride_rcd, D, D_ROWS, KSIZE, DILATION, HAS_REL, DOT_PRECISION, KEY_W, KPAD, BLOCK_D)
-    offs_t = tl.arange(0, KPAD)
+    rel_rows = tl.zeros((KPAD, BLOCK_D), dtype=tl.float32)
+    rel_cols = tl.zeros((KPAD, BLOCK_D), dtype=tl.float32)
+    row_logits = tl.zeros((BLOCK_Q, KPAD), dtype=tl.float32)
+    col_logits = tl.zeros((BLOCK_Q, KPAD), dtype=tl.float32)
+    if HAS_REL:
+        rel_rows, rel_cols, row_logits, col_logits = _rel_logits(q, REL_ROWS, REL_COLS, head, D, D_ROWS, KSIZE,
+                                                                 REL_PER_HEAD, DOT_PRECISION, KPAD, BLOCK_D)
+    halo_col = tl.arange(0, HALO_W)
+    key_col = col0 - RADIUS + halo_col
+    col_allowed = ((key_col >= 0) & (key_col < W))[None, :] if MASK_PADDING else (halo_col < HALO_W)[None, :]
+    col_bias = _window_bias(col_logits * qk_scale, halo_col[None, :] - q_step_col[:, None], col_allowed,
+                            HAS_REL, KSIZE, DILATION)
+    # The log-sum-exp enters with the row bias: p = exp2(logit - lse) in one add.
+    row_logits = row_logits * qk_scale
 
-    k_base = K + batch * stride_kb + head * stride_kn
-    v_base = V + batch * stride_vb + head * stride_vn
+    offs_n = tl.arange(0, BLOCK_N)
+    n_halo_col = offs_n % HALO_W
+    n_step_row = offs_n // HALO_W
+    n_col_in = (col0 - RADIUS + n_halo_col >= 0) & (col0 - RADIUS + n_halo_col < W)
+    strip_origin = batch * stride_b + (row0 - RADIUS).to(tl.int64) * stride_h + (col0 - RADIUS) * stride_w + head * D
+    strip_offsets = _strip_offsets(n_halo_col, n_step_row, stride_h, stride_w, D, BLOCK_D)
+    step_row = tl.arange(0, STEP_ROWS)
+
     dq = tl.zeros((BLOCK_Q, BLOCK_D), dtype=tl.float32)
-    row_coef = tl.zeros((BLOCK_Q, KPAD), dtype=tl.float32)  # sum of dlogit per window row
-    col_dlogits = tl.zeros((BLOCK_Q, KEY_W), dtype=tl.float32)  # dlogit summed over key rows
-    for key_step in range(0, BLOCK_H + 2 * RADIUS):
-        logits, valid, kt, vt, row_index = _key_row_logits(
-            q, q_row, row0 - RADIUS + key_step, key_col, key_col_in, col_ok, row_logits, col_term, k_base, v_base,
-            stride_kh, stride_kw, stride_kd, stride_vh, stride_vw, stride_vd, H,
-            D, KSIZE, DILATION, HAS_REL, MASK_PADDING, DOT_PRECISION, KPAD, BLOCK_D)
-        valid = valid & q_in[:, None]
-        p = tl.where(valid, tl.exp2(logits * qk_scale - lse2[:, None]), 0.0)
+    row_coef = tl.zeros((BLOCK_Q, KPAD), dtype=tl.float32)  # dlogit summed per window row
+    col_dlogits = tl.zeros((BLOCK_Q, HALO_W), dtype=tl.float32)  # dlogit summed over key rows
+    for first in range(0, HALO_ROWS, STEP_ROWS):
+        key_row = row0 - RADIUS + first + n_step_row
+        kv_mask = (n_col_in & (key_row >= 0) & (key_row < H) & (first + n_step_row < HALO_ROWS))[:, None]
+        kt = tl.load(K + (strip_origin + first * stride_h) + strip_offsets, mask=kv_mask, other=0.0)
+        vt = tl.load(V + (strip_origin + first * stride_h) + strip_offsets, mask=kv_mask, other=0.0)
+        halo_row = first + step_row
+        row_allowed = (halo_row < HALO_ROWS)[None, :] & q_in[:, None]
+        if MASK_PADDING:
+            strip_row = row0 - RADIUS + halo_row
+            row_allowed = row_allowed & ((strip_row >= 0) & (strip_row < H))[None, :]
+        row_bias = _window_bias(row_logits, halo_row[None, :] - q_step_row[:, None], row_allowed, HAS_REL,
+                                KSIZE, DILATION) - lse2[:, None]
+        logits = tl.dot(q, tl.trans(kt), input_precision=DOT_PRECISION)
+        logits = (tl.reshape(logits, (BLOCK_Q, STEP_ROWS, HALO_W)) * qk_scale
+                  + row_bias[:, :, None] + col_bias[:, None, :])
+        p = tl.reshape(tl.exp2(logits), (BLOCK_Q, BLOCK_N))
         dp = tl.dot(dy, tl.trans(vt), input_precision=DOT_PRECISION)
         dlogits = p * (dp - delta[:, None])  # gradient of the scaled logit
         dq += tl.dot(dlogits.to(kt.dtype), kt, input_precision=DOT_PRECISION)
         if HAS_REL:
-            row_sum = tl.sum(dlogits, axis=1)
-            row_coef += tl.where(offs_t[None, :] == row_index[:, None], row_sum[:, None], 0.0)
-            col_dlogits += dlogits
+            dlogits = tl.reshape(dlogits, (BLOCK_Q, STEP_ROWS, HALO_W))
+            row_coef += _window_taps(tl.sum(dlogits, axis=2), first, q_step_row, STEP_ROWS, KSIZE, DILATION, KPAD)
+            col_dlogits += tl.sum(dlogits, axis=1)
 
     if HAS_REL:
-        # Scatter the per-key-column dlogits to window columns once per tile (mirror of the gather).
-        col_coef = tl.zeros((BLOCK_Q, KPAD), dtype=tl.float32)
-        for t in tl.static_range(KSIZE):
-            col_sum = tl.sum(tl.where(col_index == t, col_dlogits, 0.0), axis=1)
-            col_coef += tl.where(offs_t[None, :] == t, col_sum[:, None], 0.0)
+        col_coef = _window_taps(col_dlogits, 0, q_step_col, HALO_W, KSIZE, DILATION, KPAD)
         dq += tl.dot(row_coef, rel_rows, input_precision=DOT_PRECISION)
         dq += tl.dot(col_coef, rel_cols, input_precision=DOT_PRECISION)
-        # Partial gradients of the tables for this tile: drel[t, :Dr] = sum_q row_coef[q, t] q[q, :Dr]
-        # (and the column half likewise); torch sums the tiles, so no atomics are needed.
-        drel_rows = tl.dot(tl.trans(row_coef), q.to(tl.float32), input_precision=DOT_PRECISION)
-        drel_cols = tl.dot(tl.trans(col_coef), q.to(tl.float32), input_precision=DOT_PRECISION)
+        # This tile's partial table gradients, drel[t, :Dr] = sum_q row_coef[q, t] q[q, :Dr] (the
+        # column half likewise); torch sums the tiles, so no atomics are needed.
+        q32 = q.to(tl.float32)
+        drel_rows = tl.dot(tl.trans(row_coef), q32, input_precision=DOT_PRECISION)
+        drel_cols = tl.dot(tl.trans(col_coef), q32, input_precision=DOT_PRECISION)
         drel = tl.where(offs_d[None, :] < D_ROWS, drel_rows, drel_cols) * scale
+        offs_t = tl.arange(0, KPAD)
         drel_ptrs = DREL + pid.to(tl.int64) * KSIZE * D + offs_t[:, None] * D + offs_d[None, :]
-        tl.store(drel_ptrs, drel, mask=(offs_t[:, None] < KSIZE) & d_ok[None, :])
+        tl.store(drel_ptrs, drel, mask=(offs_t[:, None] < KSIZE) & d_ok)
 
     dq = dq * scale
-    tl.store(_tile_ptrs(DQ, batch, head, q_row, q_col, stride_dqb, stride_dqh, stride_dqw, stride_dqn,
-                        stride_dqd, BLOCK_D), dq.to(DQ.dtype.element_ty), mask=q_mask)
+    tl.store(_pixel_ptrs(DQ, batch, head, row0, col0, q_step_row, q_step_col, out_b, out_h, out_w, D, BLOCK_D),
+             dq.to(DQ.dtype.element_ty), mask=q_mask)
 
 
 @triton.jit
 def _local_attn_bwd_dkdv_kernel(
     Q, K, V, REL_ROWS, REL_COLS, DY, LSE, DELTA, DK, DV,
-    stride_qb, stride_qh, stride_qw, stride_qn, stride_qd,
-    stride_kb, stride_kh, stride_kw, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vw, stride_vn, stride_vd,
-    stride_dyb, stride_dyh, stride_dyw, stride_dyn, stride_dyd,
-    stride_dkb, stride_dkh, stride_dkw, stride_dkn, stride_dkd,
-    stride_dvb, stride_dvh, stride_dvw, stride_dvn, stride_dvd,
-    stride_rrn, stride_rrt, stride_rrd, stride_rcn, stride_rct, stride_rcd,
-    H, W, heads, n_tiles_w, n_tiles, scale,
+    stride_b, stride_h, stride_w,
+    stride_dyb, stride_dyh, stride_dyw,
+    H, W, heads, scale,
     D: tl.constexpr, D_ROWS: tl.constexpr, KSIZE: tl.constexpr, DILATION: tl.constexpr,
-    HAS_REL: tl.constexpr, MASK_PADDING: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, QUERY_W: tl.constexpr,
-    KPAD: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_REL: tl.constexpr, REL_PER_HEAD: tl.constexpr, MASK_PADDING: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, HALO_W: tl.constexpr,
+    STEP_ROWS: tl.constexpr, KPAD: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    # Key-stationary: a tile of keys walks the haloed query rows that can see it.
+    # Key-stationary: a BLOCK_H x BLOCK_W tile of keys walks the haloed strip of queries that can
+    # see it, STEP_ROWS query rows at a time. Keys outside the image are never stored, so the
+    # "mask" padding needs no key mask here; queries outside the image get a -inf bias.
     RADIUS: tl.constexpr = DILATION * (KSIZE // 2)
+    HALO_ROWS: tl.constexpr = BLOCK_H + 2 * RADIUS
     BLOCK_K: tl.constexpr = BLOCK_H * BLOCK_W
-    pid, batch_head, batch, head, row0, col0, k_row, k_col, k_in = _program_tile(
-        n_tiles, n_tiles_w, heads, H, W, BLOCK_H, BLOCK_W)
+    BLOCK_N: tl.constexpr = STEP_ROWS * HALO_W
+    pid, batch_head, batch, head, row0, col0, k_step_row, k_step_col, k_in = _program_tile(
+        H, W, heads, BLOCK_H, BLOCK_W)
     offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
-    k_mask = k_in[:, None] & d_ok[None, :]
-    kt = tl.load(_tile_ptrs(K, batch, head, k_row, k_col, stride_kb, stride_kh, stride_kw, stride_kn, stride_kd,
-                            BLOCK_D), mask=k_mask, other=0.0)
-    vt = tl.load(_tile_ptrs(V, batch, head, k_row, k_col, stride_vb, stride_vh, stride_vw, stride_vn, stride_vd,
-                            BLOCK_D), mask=k_mask, other=0.0)
-
-    query_col = col0 - RADIUS + tl.arange(0, QUERY_W)
-    query_col_in = (query_col >= 0) & (query_col < W)
-    # Window column of key (row of this tile) as seen from each query column: (BLOCK_K, QUERY_W).
-    col_offset = k_col[:, None] - query_col[None, :] + RADIUS
-    col_ok = (col_offset >= 0) & (col_offset <= 2 * RADIUS) & (col_offset % DILATION == 0)
-    col_index = tl.where(col_ok, col_offset // DILATION, -1)
-    if HAS_REL:
-        rel_rows, rel_cols = _load_rel_tables(REL_ROWS, REL_COLS, head, stride_rrn, stride_rrt, stride_rrd,
-                                              stride_rcn, stride_rct, stride_rcd, D, D_ROWS, KSIZE, KPAD, BLOCK_D)
+    d_ok = offs_d[None, :] < D
+    k_mask = k_in[:, None] & d_ok
+    kt = tl.load(_pixel_ptrs(K, batch, head, row0, col0, k_step_row, k_step_col, stride_b, stride_h, stride_w,
+                             D, BLOCK_D), mask=k_mask, other=0.0)
+    vt = tl.load(_pixel_ptrs(V, batch, head, row0, col0, k_step_row, k_step_col, stride_b, stride_h, stride_w,
+                             D, BLOCK_D), mask=k_mask, other=0.0)
     qk_scale = scale * 1.4426950408889634
 
-    q_base = Q + batch * stride_qb + head * stride_qn
-    dy_base = DY + batch * stride_dyb + head * stride_dyn
+    # Strip position n = (query row in step) * HALO_W + column; the key tile's row kh and
+    # column kw sit at window offset (kh - strip row + 2r, kw - strip column + 2r) of query n.
+    offs_n = tl.arange(0, BLOCK_N)
+    n_halo_col = offs_n % HALO_W
+    n_col = col0 - RADIUS + n_halo_col
+    n_step_row = offs_n // HALO_W
+    n_col_in = (n_col >= 0) & (n_col < W)
+    key_tile_row = tl.arange(0, BLOCK_H)
+    key_tile_col = tl.arange(0, BLOCK_W)
+    q_origin = batch * stride_b + (row0 - RADIUS).to(tl.int64) * stride_h + (col0 - RADIUS) * stride_w + head * D
+    dy_origin = (batch * stride_dyb + (row0 - RADIUS).to(tl.int64) * stride_dyh + (col0 - RADIUS) * stride_dyw
+                 + head * D)
+    q_offsets = _strip_offsets(n_halo_col, n_step_row, stride_h, stride_w, D, BLOCK_D)
+    dy_offsets = _strip_offsets(n_halo_col, n_step_row, stride_dyh, stride_dyw, D, BLOCK_D)
+    stat_origin = batch_head.to(tl.int64) * H * W
+
     dk = tl.zeros((BLOCK_K, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_K, BLOCK_D), dtype=tl.float32)
-    for query_step in range(0, BLOCK_H + 2 * RADIUS):
-        query_row = row0 - RADIUS + query_step
-        query_rows = query_row + tl.zeros_like(query_col)
-        query_in = query_col_in & (query_rows >= 0) & (query_rows < H)
-        query_mask = query_in[:, None] & d_ok[None, :]
-        q = tl.load(q_base + query_row.to(tl.int64) * stride_qh + query_col[:, None] * stride_qw
-                    + offs_d[None, :] * stride_qd, mask=query_mask, other=0.0)
-        dy = tl.load(dy_base + query_row.to(tl.int64) * stride_dyh + query_col[:, None] * stride_dyw
-                     + offs_d[None, :] * stride_dyd, mask=query_mask, other=0.0)
-        stat_offsets = batch_head.to(tl.int64) * H * W + query_row * W + query_col
-        lse2 = tl.load(LSE + stat_offsets, mask=query_in, other=0.0) * 1.4426950408889634
-        delta = tl.load(DELTA + stat_offsets, mask=query_in, other=0.0)
-
-        logits = tl.dot(kt, tl.trans(q), input_precision=DOT_PRECISION)  # (BLOCK_K, QUERY_W)
-        row_offset = k_row - query_row + RADIUS
-        row_ok = (row_offset >= 0) & (row_offset <= 2 * RADIUS) & (row_offset % DILATION == 0)
+    for first in range(0, HALO_ROWS, STEP_ROWS):
+        halo_row = first + n_step_row
+        query_row = row0 - RADIUS + halo_row
+        query_in = n_col_in & (query_row >= 0) & (query_row < H) & (halo_row < HALO_ROWS)
+        qc = tl.load(Q + (q_origin + first * stride_h) + q_offsets, mask=query_in[:, None], other=0.0)
+        dyc = tl.load(DY + (dy_origin + first * stride_dyh) + dy_offsets, mask=query_in[:, None], other=0.0)
+        stat_offsets = query_row * W + n_col
+        lse2 = tl.load(LSE + stat_origin + stat_offsets, mask=query_in, other=0.0) * 1.4426950408889634
+        delta = tl.load(DELTA + stat_origin + stat_offsets, mask=query_in, other=0.0)
+        row_logits = tl.zeros((BLOCK_N, KPAD), dtype=tl.float32)
+        col_logits = tl.zeros((BLOCK_N, KPAD), dtype=tl.float32)
         if HAS_REL:
-            q32 = q.to(tl.float32)
-            row_logits = tl.dot(q32, tl.trans(rel_rows), input_precision=DOT_PRECISION)  # (QUERY_W, KPAD)
-            col_logits = tl.dot(q32, tl.trans(rel_cols), input_precision=DOT_PRECISION)
-            row_index = tl.where(row_ok, row_offset // DILATION, -1)
-            logits += _gather_columns_transposed(row_logits, row_index[:, None] + 0 * col_index, KSIZE, KPAD)
-            logits += _gather_columns_transposed(col_logits, col_index, KSIZE, KPAD)
-        valid = row_ok[:, None] & col_ok & query_in[None, :]
-        if MASK_PADDING:
-            valid = valid & k_in[:, None]
-        p = tl.where(valid, tl.exp2(logits * qk_scale - lse2[None, :]), 0.0)
-        dv += tl.dot(p.to(dy.dtype), dy, input_precision=DOT_PRECISION)
-        dp = tl.dot(vt, tl.trans(dy), input_precision=DOT_PRECISION)
+            _, _, row_logits, col_logits = _rel_logits(qc, REL_ROWS, REL_COLS, head, D, D_ROWS, KSIZE,
+                                                       REL_PER_HEAD, DOT_PRECISION, KPAD, BLOCK_D)
+        # (queries, key tile rows) and (queries, key tile columns), then transposed.
+        row_bias = _window_bias(row_logits * qk_scale, key_tile_row[None, :] - halo_row[:, None] + 2 * RADIUS,
+                                query_in[:, None], HAS_REL, KSIZE, DILATION) - lse2[:, None]
+        col_bias = _window_bias(col_logits * qk_scale, key_tile_col[None, :] - n_halo_col[:, None] + 2 * RADIUS,
+                                (n_halo_col >= 0)[:, None], HAS_REL, KSIZE, DILATION)
+        logits = tl.dot(kt, tl.trans(qc), input_precision=DOT_PRECISION)  # (BLOCK_K, BLOCK_N)
+        logits = (tl.reshape(logits, (BLOCK_H, BLOCK_W, BLOCK_N)) * qk_scale
+                  + tl.trans(row_bias)[:, None, :] + tl.trans(col_bias)[None, :, :])
+        p = tl.reshape(tl.exp2(logits), (BLOCK_K, BLOCK_N))
+        dv += tl.dot(p.to(dyc.dtype), dyc, input_precision=DOT_PRECISION)
+        dp = tl.dot(vt, tl.trans(dyc), input_precision=DOT_PRECISION)
         dlogits = p * (dp - delta[None, :])
-        dk += tl.dot(dlogits.to(q.dtype), q, input_precision=DOT_PRECISION)
+        dk += tl.dot(dlogits.to(qc.dtype), qc, input_precision=DOT_PRECISION)
 
     dk = dk * scale
-    tl.store(_tile_ptrs(DK, batch, head, k_row, k_col, stride_dkb, stride_dkh, stride_dkw, stride_dkn,
-                        stride_dkd, BLOCK_D), dk.to(DK.dtype.element_ty), mask=k_mask)
-    tl.store(_tile_ptrs(DV, batch, head, k_row, k_col, stride_dvb, stride_dvh, stride_dvw, stride_dvn,
-                        stride_dvd, BLOCK_D), dv.to(DV.dtype.element_ty), mask=k_mask)
+    out_b, out_h, out_w = H * W * heads * D, W * heads * D, heads * D  # dk, dv: ours, contiguous
+    tl.store(_pixel_ptrs(DK, batch, head, row0, col0, k_step_row, k_step_col, out_b, out_h, out_w, D, BLOCK_D),
+             dk.to(DK.dtype.element_ty), mask=k_mask)
+    tl.store(_pixel_ptrs(DV, batch, head, row0, col0, k_step_row, k_step_col, out_b, out_h, out_w, D, BLOCK_D),
+             dv.to(DV.dtype.element_ty), mask=k_mask)
 
 
 # ----------------------------------------------------------------------------------------------
-# Launchers
+# Launch configs and launchers
 # ----------------------------------------------------------------------------------------------
 
-def _rel_args(rel_rows, rel_cols, q):
-    """Tables and their (head, tap, channel) strides; stride 0 over heads when shared."""
-    if rel_rows is None:
-        dummy = q.new_empty(1)
-        return (dummy, dummy), (0, 0, 0, 0, 0, 0)
-
-    def strides(rel):
-        return (0, *rel.stride()) if rel.dim() == 2 else tuple(rel.stride())
-    return (rel_rows, rel_cols), strides(rel_rows) + strides(rel_cols)
+KERNELS = ("local_fwd", "local_bwd_dq", "local_bwd_dkdv")
 
 
-def _meta(q, kernel_size, dilation, padding, has_rel, config, halo_name):
+def halo_width(block_w: int, kernel_size: int, dilation: int) -> int:
+    """Power-of-two width of the haloed strip (keys for fwd/dq, queries for dk/dv) of a tile."""
+    return tuning.next_power_of_2(block_w + 2 * dilation * (kernel_size // 2))
+
+
+def default_config(kernel: str, kernel_size: int, dilation: int, head_dim: int, dtype: torch.dtype) -> dict:
+    """The default launch config of a local-attention kernel (the same on the GPU and under the
+    interpreter, so CI runs what the GPU runs).
+
+    A 2 x 8 query (or key) tile is one tensor-core row block of 16 pixels: one warp. A step walks
+    STEP_ROWS haloed rows: up to 128 strip pixels in the forward (a (16, 128) fp32 logit tile is 64
+    registers a thread), 64 in the backward kernels (two such tiles, logits and dp, and two D-wide
+    accumulators), and no more than 2048 / BLOCK_D so that a step's K and V (or Q and dY) strips stay
+    within 32 registers a thread each. Several steps pipeline their loads (num_stages 2).
+    """
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    block_h, block_w = 2, 8
+    halo_w = halo_width(block_w, kernel_size, dilation)
+    halo_rows = block_h + 2 * dilation * (kernel_size // 2)
+    block_d = max(16, tuning.next_power_of_2(head_dim))
+    pixels = min(128 if kernel == "local_fwd" else 64, 2048 // block_d)
+    step_rows = max(1, min(pixels // halo_w, tuning.next_power_of_2(halo_rows)))
+    step_rows = max(step_rows, 16 // halo_w)  # a step's dot needs at least 16 strip pixels
+    # fp32 inputs run their dots on the FMA units (ieee), operands in registers: more warps.
+    num_warps = 4 if dtype == torch.float32 else 1
+    num_stages = 2 if step_rows < halo_rows else 1
+    return {"BLOCK_H": block_h, "BLOCK_W": block_w, "STEP_ROWS": step_rows, "num_warps": num_warps,
+            "num_stages": num_stages}
+
+
+def config_space(kernel, kernel_size, dilation, head_dim, dtype, height_bucket, width_bucket):
+    """The autotuner's candidates (the default among them): query (or key) tiles of 16-64 pixels
+    no taller or wider than the image needs, steps of 16-256 strip pixels (no more than the strip
+    has), 1-4 warps (no more than one per 16 tile rows of a tensor-core dot, but fp32's FMA dots
+    may split further), 1-2 pipeline stages."""
+    radius = dilation * (kernel_size // 2)
+    for block_h, block_w in ((1, 16), (2, 8), (2, 16), (4, 8), (4, 16), (8, 8)):
+        if block_w > 2 * max(width_bucket, 8) or (block_h > height_bucket and block_h > 2):
+            continue
+        halo_w = halo_width(block_w, kernel_size, dilation)
+        halo_rows = block_h + 2 * radius
+        tile = block_h * block_w
+        step_rows = 1
+        while step_rows <= tuning.next_power_of_2(halo_rows):
+            pixels = step_rows * halo_w
+            if 16 <= pixels <= 256 and tile * pixels <= 64 * 128:
+                warps = (1, 2, 4) if dtype == torch.float32 else tuple(w for w in (1, 2, 4) if 16 * w <= tile)
+                for num_warps in warps:
+                    for num_stages in ((1, 2) if step_rows < halo_rows else (1,)):
+                        yield {"BLOCK_H": block_h, "BLOCK_W": block_w, "STEP_ROWS": step_rows,
+                               "num_warps": num_warps, "num_stages": num_stages}
+            step_rows *= 2
+
+
+def _meta(q, kernel_size, dilation, padding, rel_rows, config):
     head_dim = q.shape[-1]
     return dict(
-        D=head_dim, D_ROWS=head_dim // 2, KSIZE=kernel_size, DILATION=dilation, HAS_REL=int(has_rel),
-        MASK_PADDING=int(padding == "mask"), DOT_PRECISION=dot_precision(q.dtype),
-        BLOCK_H=config["BLOCK_H"], BLOCK_W=config["BLOCK_W"],
-        KPAD=max(16, tuning.next_power_of_2(kernel_size)),
-        BLOCK_D=max(16, tuning.next_power_of_2(head_dim)),
+        D=head_dim, D_ROWS=head_dim // 2, KSIZE=kernel_size, DILATION=dilation, HAS_REL=int(rel_rows is not None),
+        REL_PER_HEAD=int(rel_rows is not None and rel_rows.dim() == 3), MASK_PADDING=int(padding == "mask"),
+        DOT_PRECISION=dot_precision(q.dtype), BLOCK_H=config["BLOCK_H"], BLOCK_W=config["BLOCK_W"],
+        HALO_W=halo_width(config["BLOCK_W"], kernel_size, dilation), STEP_ROWS=config["STEP_ROWS"],
+        KPAD=max(16, tuning.next_power_of_2(kernel_size)), BLOCK_D=max(16, tuning.next_power_of_2(head_dim)),
         num_warps=config["num_warps"], num_stages=config["num_stages"],
-        **{halo_name: tuning.halo_width(config["BLOCK_W"], kernel_size, dilation)},
     )
 
 
-def _tiles(q, config):
-    B, H, W, heads, _ = q.shape
-    n_tiles_w = triton.cdiv(W, config["BLOCK_W"])
-    n_tiles = triton.cdiv(H, config["BLOCK_H"]) * n_tiles_w
-    return (H, W, heads, n_tiles_w, n_tiles), (B * heads * n_tiles,)
+class _Plan:
+    """What a launch needs besides the tensors, fixed per (kernel, shape, options, config)."""
+    __slots__ = ("config", "meta", "grid", "programs")
+
+    def __init__(self, q, kernel_size, dilation, padding, rel_rows, config):
+        B, H, W, heads, _ = q.shape
+        self.config = config
+        self.meta = _meta(q, kernel_size, dilation, padding, rel_rows, config)
+        self.grid = (B * heads, triton.cdiv(H, config["BLOCK_H"]), triton.cdiv(W, config["BLOCK_W"]))
+        self.programs = self.grid[0] * self.grid[1] * self.grid[2]
 
 
-# Each *_launch returns (grid, positional args, meta-parameters) for one kernel; the launchers
-# and static_specs (compilation for a GPU that is not present) share them.
-
-def _fwd_launch(q, k, v, rel_rows, rel_cols, y, lse, kernel_size, dilation, scale, padding, config):
-    rel, rel_strides = _rel_args(rel_rows, rel_cols, q)
-    sizes, grid = _tiles(q, config)
-    args = (q, k, v, *rel, y, lse, *q.stride(), *k.stride(), *v.stride(), *y.stride(), *rel_strides,
-            *sizes, scale * LOG2E)
-    return grid, args, _meta(q, kernel_size, dilation, padding, rel_rows is not None, config, "KEY_W")
+_PLANS: dict = {}
 
 
-def _dq_launch(q, k, v, rel_rows, rel_cols, y, dy, lse, delta, dq, drel, kernel_size, dilation, scale,
-               padding, config):
-    rel, rel_strides = _rel_args(rel_rows, rel_cols, q)
-    sizes, grid = _tiles(q, config)
-    args = (q, k, v, *rel, y, dy, lse, delta, dq, drel, *q.stride(), *k.stride(), *v.stride(), *y.stride(),
-            *dy.stride(), *dq.stride(), *rel_strides, *sizes, scale)
-    return grid, args, _meta(q, kernel_size, dilation, padding, rel_rows is not None, config, "KEY_W")
-
-
-def _dkdv_launch(q, k, v, rel_rows, rel_cols, dy, lse, delta, dk, dv, kernel_size, dilation, scale, padding,
-                 config):
-    rel, rel_strides = _rel_args(rel_rows, rel_cols, q)
-    sizes, grid = _tiles(q, config)
-    args = (q, k, v, *rel, dy, lse, delta, dk, dv, *q.stride(), *k.stride(), *v.stride(), *dy.stride(),
-            *dk.stride(), *dv.stride(), *rel_strides, *sizes, scale)
-    return grid, args, _meta(q, kernel_size, dilation, padding, rel_rows is not None, config, "QUERY_W")
-
-
-def _config(kernel, q, kernel_size, dilation, run=None):
-    """The launch config for `kernel` on q's shape; `run(config)` launches the kernel once on the
-    real arguments, for the autotuner to time candidates with when nothing is cached."""
+def _plan(kernel, q, kernel_size, dilation, padding, rel_rows, config=None) -> _Plan:
+    """The launch plan, cached per key (an op call then costs a dict lookup, not a config search).
+    An explicit `config` (tests, the tuner) bypasses the cache."""
+    if config is not None:
+        return _Plan(q, kernel_size, dilation, padding, rel_rows, config)
     B, H, W, heads, D = q.shape
-    if is_fake(q):  # tracing under torch.compile: nothing to time, the config is fixed at trace time
-        run = None
-    return tuning.get_config(kernel, kernel_size, dilation, D, q.dtype, H, W, run=run)
+    config = tuning.get_config(kernel, kernel_size, dilation, D, q.dtype, H, W)
+    per_head = rel_rows.dim() == 3 if rel_rows is not None else None
+    key = (kernel, q.shape, q.dtype, kernel_size, dilation, padding, per_head, dot_precision(q.dtype),
+           tuple(config.values()))
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _PLANS[key] = _Plan(q, kernel_size, dilation, padding, rel_rows, config)
+    return plan
+
+
+def _qkv_strides(q, k, v):
+    """q, k and v share one set of (b, h, w) strides with heads and channels packed (strides D and
+    1), as views of one channels_last qkv tensor do; otherwise they are copied to contiguous
+    tensors first."""
+    strides = q.stride()
+    if strides[3:] != (q.shape[4], 1) or k.stride() != strides or v.stride() != strides:
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        strides = q.stride()
+    return q, k, v, strides[:3]
+
+
+def _check_offsets(stride_h: int, plan) -> None:
+    """The kernels address a tile's haloed strip with int32 offsets from an int64 origin."""
+    rows = plan.meta["BLOCK_H"] + 2 * plan.meta["DILATION"] * (plan.meta["KSIZE"] // 2) + plan.meta["STEP_ROWS"]
+    if rows * abs(stride_h) >= 2 ** 31:
+        raise ValueError(f"q, k, v rows are too far apart (row stride {stride_h}): a tile's {rows} haloed rows "
+                         f"need int32 offsets; use images with fewer than 2**31 / {rows} elements per row")
+
+
+def _tables(rel_rows, rel_cols, q):
+    if rel_rows is None:
+        return q, q  # never read (HAS_REL = 0)
+    return rel_rows.contiguous(), rel_cols.contiguous()
+
+
+def _launch(kernel, grid, args, meta):
+    """Every launch goes through here (the host-path benchmark stubs it out)."""
+    launchable(kernel)[grid](*args, **meta)
+
+
+def _fwd_args(q, k, v, rel_rows, rel_cols, y, lse, scale, plan):
+    q, k, v, strides = _qkv_strides(q, k, v)
+    _check_offsets(strides[1], plan)
+    rel_rows, rel_cols = _tables(rel_rows, rel_cols, q)
+    B, H, W, heads, _ = q.shape
+    return (q, k, v, rel_rows, rel_cols, y, lse, *strides, H, W, heads, scale * LOG2E)
 
 
 def _fwd(q, k, v, rel_rows, rel_cols, kernel_size, dilation, scale, padding, y=None, lse=None, config=None):
-    """Launch the forward kernel. Returns y (B, H, W, heads, D) and lse (B, heads, H, W) fp32.
-
-    `y`/`lse` may be passed in (the tests poison them to prove every element is written).
-    """
+    """Launch the forward kernel. Returns y (B, H, W, heads, D), contiguous, and lse (B, heads, H, W)
+    fp32. `y`/`lse` may be passed in (the tests poison them to prove every element is written)."""
     y, lse = attention_outputs(q, y, lse)
     if y.numel() == 0:
         return y, lse
-
-    def run(cfg):
-        grid, args, meta = _fwd_launch(q, k, v, rel_rows, rel_cols, y, lse, kernel_size, dilation, scale,
-                                       padding, cfg)
-        launchable(_local_attn_fwd_kernel)[grid](*args, **meta)
-
-    run(config or _config("local_fwd", q, kernel_size, dilation, run))
+    if not (y.is_contiguous() and lse.is_contiguous()):
+        raise ValueError("y and lse must be contiguous (the kernel writes them as such)")
+    plan = _plan("local_fwd", q, kernel_size, dilation, padding, rel_rows, config)
+    _launch(_local_attn_fwd_kernel, plan.grid, _fwd_args(q, k, v, rel_rows, rel_cols, y, lse, scale, plan),
+            plan.meta)
     return y, lse
 
 
-def _drel_buffer(q, kernel_size, has_rel, config):
-    """Per-program partial gradients of the relative tables, (programs, k, D) fp32."""
-    n_programs = _tiles(q, config)[1][0]
-    shape = (n_programs, kernel_size, q.shape[-1]) if has_rel else (1,)
-    return torch.empty(shape, device=q.device, dtype=torch.float32)
+def _bwd_args(q, k, v, rel_rows, rel_cols, dy, scale):
+    q, k, v, strides = _qkv_strides(q, k, v)
+    if dy.stride()[3:] != (dy.shape[4], 1):
+        dy = dy.contiguous()
+    rel_rows, rel_cols = _tables(rel_rows, rel_cols, q)
+    B, H, W, heads, _ = q.shape
+    return (q, k, v, rel_rows, rel_cols), (*strides, *dy.stride()[:3], H, W, heads, float(scale)), dy
 
 
 def _bwd(q, k, v, rel_rows, rel_cols, y, lse, dy, kernel_size, dilation, scale, padding,
          grads=None, config_dq=None, config_dkdv=None):
-    """Launch the backward kernels. Returns dq, dk, dv, d rel_rows, d rel_cols (None without rel).
-
-    `grads` may hold preallocated (dq, dk, dv) buffers (the tests poison them).
-    """
+    """Launch the backward kernels. Returns dq, dk, dv (contiguous) and d rel_rows, d rel_cols (None
+    without tables). `grads` may hold preallocated contiguous (dq, dk, dv) buffers (the tests
+    poison them)."""
     B, H, W, heads, D = q.shape
     if grads is None:
-        grads = tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+        grads = tuple(torch.empty(q.shape, device=q.device, dtype=q.dtype) for _ in range(3))
     dq, dk, dv = grads
+    if not all(g.is_contiguous() for g in grads):
+        raise ValueError("grads must be contiguous (the kernels write them as such)")
     has_rel = rel_rows is not None
     if q.numel() == 0:
         zero = lambda t: None if t is None else torch.zeros_like(t)
         return dq, dk, dv, zero(rel_rows), zero(rel_cols)
+    if not y.is_contiguous():
+        y = y.contiguous()
     delta = torch.empty_like(lse)
-
-    def run_dq(cfg):  # the partial-gradient buffer has one slice per program, so per config
-        drel = _drel_buffer(q, kernel_size, has_rel, cfg)
-        grid, args, meta = _dq_launch(q, k, v, rel_rows, rel_cols, y, dy, lse, delta, dq, drel, kernel_size,
-                                      dilation, scale, padding, cfg)
-        launchable(_local_attn_bwd_dq_kernel)[grid](*args, **meta)
-        return drel
-
-    def run_dkdv(cfg):
-        grid, args, meta = _dkdv_launch(q, k, v, rel_rows, rel_cols, dy, lse, delta, dk, dv, kernel_size,
-                                        dilation, scale, padding, cfg)
-        launchable(_local_attn_bwd_dkdv_kernel)[grid](*args, **meta)
-
-    drel = run_dq(config_dq or _config("local_bwd_dq", q, kernel_size, dilation, run_dq))
-    run_dkdv(config_dkdv or _config("local_bwd_dkdv", q, kernel_size, dilation, run_dkdv))  # reads delta
-    drel_rows = drel_cols = None
-    if has_rel:
-        # (B, heads, tiles, k, D) -> (heads, k, D): a deterministic sum over batch and tiles.
-        per_head = drel.view(B, heads, -1, kernel_size, D).sum(dim=(0, 2))
-        d_rows = D // 2
-        drel_rows, drel_cols = per_head[..., :d_rows], per_head[..., d_rows:]
-        # Shared tables sum over heads; per-head ones are copied out of `per_head` (an op's
-        # outputs may not alias each other).
-        drel_rows = drel_rows.sum(0) if rel_rows.dim() == 2 else drel_rows.clone()
-        drel_cols = drel_cols.sum(0) if rel_cols.dim() == 2 else drel_cols.clone()
-        drel_rows = drel_rows.to(rel_rows.dtype)
-        drel_cols = drel_cols.to(rel_cols.dtype)
-    return dq, dk, dv, drel_rows, drel_cols
+    inputs, sizes, dy = _bwd_args(q, k, v, rel_rows, rel_cols, dy, scale)
+    plan_dq = _plan("local_bwd_dq", q, kernel_size, dilation, padding, rel_rows, config_dq)
+    plan_dkdv = _plan("local_bwd_dkdv", q, kernel_size, dilation, padding, rel_rows, config_dkdv)
+    for plan in (plan_dq, plan_dkdv):
+        _check_offsets(max(sizes[1], sizes[4]), plan)
+    # Per-program partial gradients of the tables, (programs, k, D) fp32, summed below.
+    drel = torch.empty((plan_dq.programs, kernel_size, D) if has_rel else (1,), device=q.device,
+                       dtype=torch.float32)
+    _launch(_local_attn_bwd_dq_kernel, plan_dq.grid, (*inputs, y, dy, lse, delta, dq, drel, *sizes), plan_dq.meta)
+    _launch(_local_attn_bwd_dkdv_kernel, plan_dkdv.grid, (*inputs, dy, lse, delta, dk, dv, *sizes),
+            plan_dkdv.meta)  # reads delta
+    if not has_rel:
+        return dq, dk, dv, None, None
+    # (B, heads, tiles, k, D) -> (k, D) or (heads, k, D): a deterministic sum over batch and tiles.
+    if rel_rows.dim() == 2:
+        total = drel.view(-1, kernel_size, D).sum(0)
+    else:
+        total = drel.view(B, heads, -1, kernel_size, D).sum(dim=(0, 2))
+    d_rows = D // 2
+    return (dq, dk, dv, total[..., :d_rows].to(rel_rows.dtype), total[..., d_rows:].to(rel_cols.dtype))
 
 
 def static_specs(shape=(32, 56, 56, 8, 64), dtype=torch.bfloat16, kernel_size=7, dilation=1, padding="zeros",
@@ -539,34 +615,51 @@ def static_specs(shape=(32, 56, 56, 8, 64), dtype=torch.bfloat16, kernel_size=7,
     from .._compile import spec_from_launch
 
     configs = configs or {}
+    B, H, W, heads, D = shape
     q = torch.empty(shape, dtype=dtype, device="meta")
     k, v, y, dy, dq, dk, dv = (torch.empty_like(q) for _ in range(7))
-    B, H, W, heads, D = shape
     rel_rows = torch.empty(kernel_size, D // 2, device="meta") if has_rel else None
     rel_cols = torch.empty(kernel_size, D - D // 2, device="meta") if has_rel else None
     lse = torch.empty((B, heads, H, W), device="meta")
     delta = torch.empty_like(lse)
 
-    def config(name):
-        return configs.get(name) or _config(name, q, kernel_size, dilation)
+    def plan(name):
+        config = configs.get(name) or tuning.get_config(name, kernel_size, dilation, D, dtype, H, W)
+        return _Plan(q, kernel_size, dilation, padding, rel_rows, config)
 
-    common = dict(kernel_size=kernel_size, dilation=dilation, scale=1.0, padding=padding)
-    fwd = _fwd_launch(q, k, v, rel_rows, rel_cols, y, lse, config=config("local_fwd"), **common)
-    drel = _drel_buffer(q, kernel_size, has_rel, config("local_bwd_dq"))
-    dq_launch = _dq_launch(q, k, v, rel_rows, rel_cols, y, dy, lse, delta, dq, drel,
-                           config=config("local_bwd_dq"), **common)
-    dkdv = _dkdv_launch(q, k, v, rel_rows, rel_cols, dy, lse, delta, dk, dv, config=config("local_bwd_dkdv"),
-                        **common)
+    fwd = plan("local_fwd")
+    fwd_args = _fwd_args(q, k, v, rel_rows, rel_cols, y, lse, 1.0, fwd)
+    plan_dq, plan_dkdv = plan("local_bwd_dq"), plan("local_bwd_dkdv")
+    drel = torch.empty((plan_dq.programs, kernel_size, D) if has_rel else (1,), device="meta")
+    inputs, sizes, dy = _bwd_args(q, k, v, rel_rows, rel_cols, dy, 1.0)
     return [
-        spec_from_launch("local_fwd", _local_attn_fwd_kernel, *fwd[1:]),
-        spec_from_launch("local_bwd_dq", _local_attn_bwd_dq_kernel, *dq_launch[1:]),
-        spec_from_launch("local_bwd_dkdv", _local_attn_bwd_dkdv_kernel, *dkdv[1:]),
+        spec_from_launch("local_fwd", _local_attn_fwd_kernel, fwd_args, fwd.meta),
+        spec_from_launch("local_bwd_dq", _local_attn_bwd_dq_kernel,
+                         (*inputs, y, dy, lse, delta, dq, drel, *sizes), plan_dq.meta),
+        spec_from_launch("local_bwd_dkdv", _local_attn_bwd_dkdv_kernel,
+                         (*inputs, dy, lse, delta, dk, dv, *sizes), plan_dkdv.meta),
     ]
 
 
 # ----------------------------------------------------------------------------------------------
-# Registered ops (torch.compile sees them whole: no graph break) and their autograd
+# Autograd. Eager calls take a torch.autograd.Function (a few microseconds of Python); tracing
+# (torch.compile, fake or meta tensors) takes the registered ops, which torch.compile sees whole.
 # ----------------------------------------------------------------------------------------------
+
+class _LocalAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, rel_rows, rel_cols, kernel_size, dilation, scale, padding):
+        y, lse = _fwd(q, k, v, rel_rows, rel_cols, kernel_size, dilation, scale, padding)
+        ctx.save_for_backward(q, k, v, rel_rows, rel_cols, y, lse)
+        ctx.args = (kernel_size, dilation, scale, padding)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        q, k, v, rel_rows, rel_cols, y, lse = ctx.saved_tensors
+        grads = _bwd(q, k, v, rel_rows, rel_cols, y, lse, dy, *ctx.args)
+        return (*grads, None, None, None, None)
+
 
 @define_op("sasa_triton::local_attention2d_fwd")
 def _local_attention2d_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_rows: Optional[torch.Tensor],
@@ -588,13 +681,14 @@ def _local_attention2d_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, re
     dq, dk, dv, drel_rows, drel_cols = _bwd(q, k, v, rel_rows, rel_cols, y, lse, dy, kernel_size, dilation,
                                             scale, padding)
     if rel_rows is None:  # ops return tensors only: empty stand-ins, mapped back to None below
-        drel_rows, drel_cols = q.new_empty(0), q.new_empty(0)
-    return dq, dk, dv, drel_rows, drel_cols
+        return dq, dk, dv, q.new_empty(0), q.new_empty(0)
+    # An op's outputs may not alias each other: the two halves of one sum are copied apart.
+    return dq, dk, dv, drel_rows.clone(), drel_cols.clone()
 
 
 @_local_attention2d_bwd.register_fake
 def _(q, k, v, rel_rows, rel_cols, y, lse, dy, kernel_size, dilation, scale, padding):
-    grads = tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+    grads = tuple(torch.empty(q.shape, device=q.device, dtype=q.dtype) for _ in range(3))
     if rel_rows is None:
         return (*grads, q.new_empty(0), q.new_empty(0))
     return (*grads, torch.empty_like(rel_rows), torch.empty_like(rel_cols))
@@ -617,6 +711,14 @@ def _backward(ctx, dy, _dlse):
 
 
 _local_attention2d_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+_INTERPRET = interpreter_enabled()
+
+
+def _traced(q: torch.Tensor) -> bool:
+    """True while torch.compile traces, or for fake/meta/functional tensors (only the registered
+    ops handle those); cheap enough to ask on every call."""
+    return type(q) is not torch.Tensor or q.device.type == "meta" or torch.compiler.is_compiling()
 
 
 def local_attention2d(q, k, v, rel_rows=None, rel_cols=None, kernel_size=7, dilation=1, scale=1.0,
@@ -646,8 +748,16 @@ def local_attention2d(q, k, v, rel_rows=None, rel_cols=None, kernel_size=7, dila
         return reference_op(q, k, v, rel_rows, rel_cols, kernel_size, dilation, scale, padding)
     q, k, v = autocast_inputs(q, k, v)
     check_kernel_dtype("q", q)
-    for name, rel in (("rel_rows", rel_rows), ("rel_cols", rel_cols)):
-        if rel is not None:
-            check_kernel_dtype(name, rel)
-    y, _ = _local_attention2d_fwd(q, k, v, rel_rows, rel_cols, kernel_size, dilation, float(scale), padding)
-    return y
+    if rel_rows is not None:
+        check_kernel_dtype("rel_rows", rel_rows)
+        check_kernel_dtype("rel_cols", rel_cols)
+    scale = float(scale)
+    if _INTERPRET and q.dtype == torch.bfloat16:
+        # Triton's CPU interpreter computes bfloat16 wrongly (values of order 1e8 where 3 is
+        # right): compute in float32 there and round the result to bfloat16.
+        q32, k32, v32 = q.float(), k.float(), v.float()
+        return local_attention2d(q32, k32, v32, rel_rows, rel_cols, kernel_size, dilation, scale, padding,
+                                 backend).to(torch.bfloat16)
+    if _traced(q):
+        return _local_attention2d_fwd(q, k, v, rel_rows, rel_cols, kernel_size, dilation, scale, padding)[0]
+    return _LocalAttention.apply(q, k, v, rel_rows, rel_cols, kernel_size, dilation, scale, padding)

@@ -1,0 +1,112 @@
+"""Host-path benchmark: the Python cost of one op call, with the kernel launches stubbed out.
+
+    python -m sasa_triton.bench_host [--shape B H W heads D] [--calls N]
+
+At 14x14 and 7x7 a SASA kernel runs for 11-27 us on an H100, so the Python around the launch
+(argument checks, autograd, output allocation, config lookup, launch arguments) decides the op's
+speed there. This times that path without a GPU: the process runs with TRITON_INTERPRET=1 (so
+CPU tensors take the Triton path exactly as CUDA tensors do) and every kernel launch is replaced
+by a no-op (`sasa_triton.ops.local_attention._launch`), so what is timed is everything but the
+kernel and Triton's own launcher. The fastest of five rounds of `--calls` calls, after a warmup. The default shape
+has batch 1 so that the CPU's own work on the tensors (allocation, the sum of the relative-table
+partial gradients), which a GPU does asynchronously, stays negligible next to the Python.
+
+On a GPU, the same path's wall time per call (launch included) is what `--gpu` measures: CUDA
+tensors at 7x7, kernels really launched, the time to enqueue (not to finish) each call.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+
+def _time_calls(fn, calls: int, repeats: int = 5) -> float:
+    """The fastest of `repeats` rounds, in mean microseconds per call of fn() (the minimum, as
+    timeit reports: other load on the machine only ever adds time)."""
+    for _ in range(max(10, calls // 10)):
+        fn()
+    rounds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        rounds.append((time.perf_counter() - start) / calls * 1e6)
+    return min(rounds)
+
+
+def measure(shape=(1, 7, 7, 8, 64), kernel_size=7, calls=2000, device="cpu", stub=True,
+            dtype_name="float32") -> dict:
+    """Microseconds per call of local_attention2d forward (no grad) and forward + backward."""
+    import torch
+
+    import sasa_triton
+    from sasa_triton.ops import local_attention as op
+
+    dtype = getattr(torch, dtype_name)
+    B, H, W, heads, D = shape
+    gen = torch.Generator().manual_seed(0)
+    qkv = torch.randn(B, H, W, 3, heads, D, generator=gen).to(device=device, dtype=dtype)
+    q, k, v = qkv.unbind(3)
+    rel_rows = torch.randn(kernel_size, D // 2, generator=gen).to(device)
+    rel_cols = torch.randn(kernel_size, D - D // 2, generator=gen).to(device)
+    leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v, rel_rows, rel_cols)]
+    dy = torch.randn_like(q)
+    kwargs = dict(kernel_size=kernel_size, dilation=1, scale=1.0, padding="zeros", backend="triton")
+
+    launched = []
+    real_launch = op._launch
+    if stub:
+        op._launch = lambda kernel, grid, args, meta: launched.append(grid)
+    try:
+        def forward():
+            with torch.no_grad():
+                sasa_triton.local_attention2d(q, k, v, rel_rows, rel_cols, **kwargs)
+
+        def forward_backward():
+            y = sasa_triton.local_attention2d(*leaves, **kwargs)
+            torch.autograd.grad(y, leaves, dy)
+
+        sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+        fwd = _time_calls(forward, calls)
+        sync()
+        fwd_bwd = _time_calls(forward_backward, max(1, calls // 4))
+        sync()
+    finally:
+        op._launch = real_launch
+    if stub:
+        assert launched, "no kernel launch reached the stub: the benchmark timed the wrong path"
+    return {"shape": list(shape), "kernel_size": kernel_size, "device": device, "stubbed": stub,
+            "fwd_us": round(fwd, 2), "fwd_bwd_us": round(fwd_bwd, 2)}
+
+
+def main(argv=None, prog=None) -> int:
+    parser = argparse.ArgumentParser(prog=prog or "python -m sasa_triton.bench_host", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", type=int, nargs=5, default=[1, 7, 7, 8, 64], metavar=("B", "H", "W", "HEADS", "D"))
+    parser.add_argument("--kernel-size", type=int, default=7)
+    parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--gpu", action="store_true",
+                        help="CUDA tensors, kernels really launched (bf16): the wall time to enqueue one call")
+    args = parser.parse_args(argv)
+    if args.gpu:
+        result = measure(tuple(args.shape), args.kernel_size, args.calls, device="cuda", stub=False,
+                         dtype_name="bfloat16")
+    else:
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            # The interpreter must be on before triton is imported: run again in a child.
+            import subprocess
+            env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+            return subprocess.call([sys.executable, "-m", "sasa_triton.bench_host", *(argv or sys.argv[1:])], env=env)
+        result = measure(tuple(args.shape), args.kernel_size, args.calls)
+    import torch
+    label = "GPU, launched" if args.gpu else "CPU, launch stubbed"
+    print(f"host path per op call ({label}; torch {torch.__version__}; shape {result['shape']}, "
+          f"k={result['kernel_size']}): forward {result['fwd_us']:.1f} us, "
+          f"forward+backward {result['fwd_bwd_us']:.1f} us")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
