@@ -263,9 +263,9 @@ def plot_roofline(rows, bandwidth_gbps=None, matmul_tflops=None, path=None, titl
         seen.add(key)
     above = sum(r["tflops"] > roof(x) * 1.001 for r, x in zip(rows, intensities))
     if above:
-        ax.text(0.02, 0.98, f"{above} point{'s' if above > 1 else ''} above the roof: working sets that stay in\n"
-                            "cache beat the large-copy roof (or a conv library beats the matmul)",
-                transform=ax.transAxes, fontsize=7, va="top")
+        fig.text(0.01, 0.01, f"{above} point{'s' if above > 1 else ''} above the roof: a working set that stays in "
+                             "cache beats the large-copy roof,\nor a conv library beats the matmul measured",
+                 fontsize=7, va="bottom")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("arithmetic intensity (useful FLOP / minimal byte)")
@@ -273,7 +273,7 @@ def plot_roofline(rows, bandwidth_gbps=None, matmul_tflops=None, path=None, titl
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, title="o fwd, ^ fwd+bwd", title_fontsize=7, loc="lower right")
     ax.set_title(f"Roofline\n{title}", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.06 if above else 0, 1, 1))
     return _save(fig, path)
 
 

@@ -191,6 +191,25 @@ def test_config_source_names_the_configs_and_sets_nothing(monkeypatch):
     assert "SASA_TRITON_AUTOTUNE" not in os.environ
 
 
+def test_config_source_counts_the_tuned_keys(tmp_path, monkeypatch):
+    from sasa_triton import tuning
+
+    # A tuned file for this "GPU" (the interpreter here) holding one key of the default plan.
+    key = tuning.config_key("local_fwd", 7, 1, 64, torch.bfloat16, 7, 7)
+    path = str(tmp_path / "tuned.json")
+    tuning.save_tuned(path, {key: tuning.default_config("local_fwd", 7, 1, 64, torch.bfloat16)})
+    monkeypatch.setenv("SASA_TRITON_CONFIG_FILE", path)
+    monkeypatch.delenv("SASA_TRITON_AUTOTUNE", raising=False)
+    monkeypatch.setattr(bench, "provider_skip_reason", lambda provider, device: None)
+    tuning.clear_cache()
+    try:
+        cases, _ = bench.make_plan(_resolved([], "cuda"), torch.device("cuda"), "gpu", 3000.0)
+        text = bench.config_source(torch.device("cuda"), cases, torch.bfloat16)
+    finally:
+        tuning.clear_cache()
+    assert text.startswith(f"kernel configs: tuned file {path}") and "(1 of the 12 local-attention keys" in text
+
+
 def test_find_results_searches_up_to_the_project_root(tmp_path, monkeypatch):
     monkeypatch.delenv("SASA_BENCH_CSV", raising=False)
     root = tmp_path / "repo"
@@ -219,9 +238,9 @@ def test_roofline_marks_duplicates_and_points_above_the_roof():
     ax = fig.axes[0]
     labels = ax.get_legend_handles_labels()[1]
     assert "conv3x3" in labels and "conv_kxk" not in labels  # the k = 3 duplicate of conv3x3 is dropped
-    assert not ax.texts
+    assert not fig.texts
     fig = plot_roofline(roof + below + [row("sasa", 7, 0.1, 20.0)])  # 20 GB/s against a 10 GB/s roof
-    assert len(fig.axes[0].texts) == 1 and "1 point above the roof" in fig.axes[0].texts[0].get_text()
+    assert len(fig.texts) == 1 and "1 point above the roof" in fig.texts[0].get_text()
 
 
 def test_model_plot_leaves_room_for_value_labels():
