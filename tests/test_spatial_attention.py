@@ -364,3 +364,17 @@ def test_gpu_stem_resolution_is_deterministic():
         runs.append(torch.autograd.grad(out, kernel_inputs, dy))
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="pins the interpreter's bf16 handling")
+@pytest.mark.parametrize("window", ["block", "sliding"])
+def test_bf16_under_the_interpreter_matches_the_reference(window):
+    """The interpreter mishandles bf16 (garbage values); spatial_attention2d computes in fp32 there
+    and returns bf16, with bf16 gradients: it agrees with the float64 reference at bf16 tolerance."""
+    case = (1, 5, 6, 2, 4, 2, 2, window, "mask")
+    out, expected, grads, expected_grads = run_both(case, "cpu", torch.bfloat16)
+    assert out.dtype == torch.bfloat16
+    assert_close(out, expected, torch.bfloat16, "y")
+    for name, g, e in zip(["dq", "dk", "dvalues", "dmix"], grads, expected_grads):
+        assert g.dtype == torch.bfloat16
+        assert_close(g, e, torch.bfloat16, name)
