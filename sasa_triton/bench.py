@@ -277,8 +277,6 @@ def _model_label(name: str, stem: str) -> str:
 
 def provider_skip_reason(provider: str, device: torch.device) -> str | None:
     """Why `provider` cannot run on `device` (one row with this note replaces its rows), or None."""
-    if provider == "reference" and device.type != "cuda":
-        return "on the CPU the sasa rows already run the reference path"
     if provider == "flex":
         from ._bench_flex import flex_available
         if not flex_available():
@@ -301,6 +299,8 @@ def make_plan(args, device, device_name: str, bandwidth_gbps: float) -> tuple[li
     providers = []
     for provider in args.providers:
         reason = provider_skip_reason(provider, device)
+        if provider == "reference" and device.type != "cuda" and "sasa" in args.providers:
+            reason = "on the CPU the sasa rows already run the reference path"
         if reason is None:
             providers.append(provider)
         else:
