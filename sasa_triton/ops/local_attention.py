@@ -411,15 +411,23 @@ def halo_width(block_w: int, kernel_size: int, dilation: int) -> int:
     return tuning.next_power_of_2(block_w + 2 * dilation * (kernel_size // 2))
 
 
+# Strip pixels per step (STEP_ROWS * HALO_W) of the default configs, per kernel and BLOCK_D: the
+# most that ptxas (Triton 3.9, sm_90, bf16, k = 7, one warp) kept without spilling. A step's
+# (16, pixels) fp32 logit tile costs pixels / 2 registers a thread, its strips pixels * BLOCK_D / 64.
+STEP_PIXELS = {
+    "local_fwd": {16: 128, 32: 64, 64: 32, 128: 16},
+    "local_bwd_dq": {16: 64, 32: 64, 64: 16, 128: 16},
+    "local_bwd_dkdv": {16: 32, 32: 32, 64: 16, 128: 16},
+}
+
+
 def default_config(kernel: str, kernel_size: int, dilation: int, head_dim: int, dtype: torch.dtype) -> dict:
     """The default launch config of a local-attention kernel (the same on the GPU and under the
     interpreter, so CI runs what the GPU runs).
 
     A 2 x 8 query (or key) tile is one tensor-core row block of 16 pixels: one warp. A step walks
-    STEP_ROWS haloed rows: up to 128 strip pixels in the forward (a (16, 128) fp32 logit tile is 64
-    registers a thread), 64 in the backward kernels (two such tiles, logits and dp, and two D-wide
-    accumulators), and no more than 2048 / BLOCK_D so that a step's K and V (or Q and dY) strips stay
-    within 32 registers a thread each. Several steps pipeline their loads (num_stages 2).
+    STEP_ROWS haloed rows, as many as STEP_PIXELS allows (at k = 7 and D <= 16 the forward takes
+    the whole 8 x 16 strip in one step). Several steps pipeline their loads (num_stages 2).
     """
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
@@ -427,7 +435,7 @@ def default_config(kernel: str, kernel_size: int, dilation: int, head_dim: int, 
     halo_w = halo_width(block_w, kernel_size, dilation)
     halo_rows = block_h + 2 * dilation * (kernel_size // 2)
     block_d = max(16, tuning.next_power_of_2(head_dim))
-    pixels = min(128 if kernel == "local_fwd" else 64, 2048 // block_d)
+    pixels = STEP_PIXELS[kernel][min(block_d, 128)]
     step_rows = max(1, min(pixels // halo_w, tuning.next_power_of_2(halo_rows)))
     step_rows = max(step_rows, 16 // halo_w)  # a step's dot needs at least 16 strip pixels
     # fp32 inputs run their dots on the FMA units (ieee), operands in registers: more warps.
