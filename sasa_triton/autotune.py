@@ -389,15 +389,34 @@ def _compile_only(kernels):
             vars(fn).pop("run", None)
 
 
-def _async_compile_mode(workers: int):
-    """Triton's AsyncCompileMode on a thread pool (compiles run in parallel: ptxas is a
-    subprocess and the compiler passes release the GIL), or a null context on a Triton without it."""
+@contextlib.contextmanager
+def _parallel_compiles(workers: int):
+    """Triton's AsyncCompileMode on a thread pool (compiles run in parallel: ptxas is a subprocess
+    and the compiler passes release the GIL); serial compiles on a Triton without it. Compile
+    errors are the callers' to record per candidate: the mode's exit does not raise them again,
+    and the mode never outlives the block (Triton 3.6 leaves it active when its exit raises)."""
     try:
-        from triton.runtime._async_compile import AsyncCompileMode
+        from triton.runtime import _async_compile
     except ImportError:
-        return contextlib.nullcontext()
+        yield
+        return
     from concurrent.futures import ThreadPoolExecutor
-    return AsyncCompileMode(ThreadPoolExecutor(max_workers=workers))
+    executor = ThreadPoolExecutor(max_workers=workers)
+    try:
+        mode = _async_compile.AsyncCompileMode(executor, ignore_errors=True)
+    except TypeError:  # a Triton whose mode has no ignore_errors
+        mode = _async_compile.AsyncCompileMode(executor)
+    mode.__enter__()
+    try:
+        yield
+    finally:
+        try:
+            mode.__exit__(None, None, None)
+        except Exception:
+            pass  # a candidate that does not compile: already recorded by the caller
+        finally:
+            _async_compile.active_mode.set(None)
+            executor.shutdown(wait=True)
 
 
 def _one_line(error: BaseException) -> str:
@@ -431,7 +450,7 @@ def compile_candidates(problems: list, configs: list, indices: list, workers: in
     module = importlib.import_module(tuning.family(problems[0].task.kernel).module)
     calls: dict = {}
     errors: dict = {}
-    with _compile_only(tuning.jit_functions(module)) as record, _async_compile_mode(workers):
+    with _compile_only(tuning.jit_functions(module)) as record, _parallel_compiles(workers):
         for i in [0, *[i for i in indices if i != 0]]:
             start = len(record)
             try:

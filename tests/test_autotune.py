@@ -249,6 +249,21 @@ def test_prune_reason_from_compiled_facts():
     assert "does not compile" in autotune.prune_reason({"error": "OutOfResources: shared memory"})
 
 
+def test_parallel_compiles_survive_a_failing_compile():
+    """Triton 3.6 left its AsyncCompileMode active when a compile had failed, and every later key
+    of the child then failed (seen on an H200): the mode must end with the block, silently."""
+    _async_compile = pytest.importorskip("triton.runtime._async_compile")
+
+    def fail():
+        raise RuntimeError("PassManager::run failed")
+    for _ in range(2):
+        with autotune._parallel_compiles(2):
+            mode = _async_compile.active_mode.get()
+            assert mode is not None
+            mode.submit("key", fail, lambda kernel: None, lambda future: None)
+        assert _async_compile.active_mode.get() is None
+
+
 # ----------------------------------------------------------------------------------------------
 # (d) The tuner: child processes, rejected candidates, faults (interpreter, tiny shapes)
 # ----------------------------------------------------------------------------------------------
