@@ -1,10 +1,25 @@
-"""Shared test utilities: precision-aware comparison against a float64 reference."""
+"""Shared test utilities: comparison against a float64 reference.
+
+`assert_close` bounds the relative RMS error per dtype. `assert_close_to_reference` bounds the
+error of every element by PyTorch's own error in the kernel's dtype on the same inputs (as
+flash-attention's tests do); `reference_in_dtype` computes that PyTorch result.
+"""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 # Relative RMS error allowed against a float64 reference, per input dtype (fp32 accumulation).
 RMS_TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2, torch.float64: 1e-12}
+
+# Unit roundoff (half the gap between 1 and the next number) of each dtype.
+UNIT_ROUNDOFF = {torch.float32: 2.0 ** -24, torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8,
+                 torch.float64: 2.0 ** -53}
+
+
+def _worst(err: torch.Tensor) -> tuple:
+    flat = torch.argmax(err).item()
+    return tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), err.shape))
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, name: str = "") -> None:
@@ -20,10 +35,88 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
     scale = expected64.pow(2).mean().sqrt().item() + 1e-30
     rel = rms / scale
     if rel > RMS_TOL[dtype]:
-        worst = torch.argmax(err.abs()).item()
-        index = torch.unravel_index(torch.tensor(worst), err.shape)
-        idx = tuple(int(i) for i in index)
+        idx = _worst(err.abs())
         raise AssertionError(
             f"{name}: relative RMS error {rel:.3e} > {RMS_TOL[dtype]:.1e} ({dtype}); worst at {idx}: "
             f"got {actual64[idx].item():.6g}, expected {expected64[idx].item():.6g}"
         )
+
+
+# assert_close_to_reference: the kernel may be FACTOR times as wrong as PyTorch in the same dtype,
+# per element and in RMS, plus ATOL_UNITS[dtype] unit roundoffs of the output's RMS per element
+# (where PyTorch's error happens to be ~0 the kernel's need not be) and RMS_ATOL_UNITS[dtype] in RMS.
+# Measured under the interpreter at the GPU's default tiles (k 3-15, D 16-64, factor 3): the
+# largest per-element excess was 9 units in fp16 (fp32 accumulation beats PyTorch's fp16) and 42
+# in fp32 (two fp32 summations of k*k*D terms), whose RMS error was up to 4x PyTorch's fp32 one
+# (PyTorch sums more accurately) and up to 10 units; bf16 as fp16. A zeroed element of typical
+# size (|y| >= its RMS) is 1/u = 256 units away in bf16, "mask" for "zeros" at k = 7 or 15 over
+# 280 (tests/test_local_attention.py::test_check_*).
+FACTOR = 3.0
+ATOL_UNITS = {torch.float32: 256.0, torch.float16: 32.0, torch.bfloat16: 32.0, torch.float64: 256.0}
+RMS_ATOL_UNITS = {torch.float32: 16.0, torch.float16: 1.0, torch.bfloat16: 1.0, torch.float64: 16.0}
+
+
+def assert_close_to_reference(actual: torch.Tensor, expected64: torch.Tensor, expected_lowp: torch.Tensor,
+                              dtype: torch.dtype, name: str = "", factor: float = FACTOR,
+                              atol_units: float | None = None) -> None:
+    """`actual` (a kernel's result from `dtype` inputs) against the float64 reference `expected64`,
+    allowing `factor` times the error of `expected_lowp`, the same function computed by PyTorch in
+    `dtype` (reference_in_dtype) on the same inputs:
+
+        |actual - ref64| <= factor * |lowp - ref64| + atol        for every element,
+        rms(actual - ref64) <= factor * rms(lowp - ref64) + RMS_ATOL_UNITS[dtype] * u * rms(ref64)
+
+    with u the unit roundoff of `dtype` and atol = atol_units (default ATOL_UNITS[dtype]) * u *
+    rms(ref64). No NaN/inf; on failure the message names the worst element.
+    """
+    atol_units = ATOL_UNITS[dtype] if atol_units is None else atol_units
+    assert actual.shape == expected64.shape == expected_lowp.shape, (
+        f"{name}: shapes {tuple(actual.shape)}, {tuple(expected64.shape)}, {tuple(expected_lowp.shape)} differ")
+    actual, ref, lowp = (t.detach().double().cpu() for t in (actual, expected64, expected_lowp))
+    bad = ~torch.isfinite(actual)
+    assert not bad.any(), f"{name}: {int(bad.sum())} non-finite values, first at {torch.nonzero(bad)[:5].tolist()}"
+    assert torch.isfinite(lowp).all(), f"{name}: the {dtype} reference itself is not finite (inputs too large?)"
+    u = UNIT_ROUNDOFF[dtype]
+    scale = ref.pow(2).mean().sqrt().item()
+    err, base = (actual - ref).abs(), (lowp - ref).abs()
+    excess = err - (factor * base + atol_units * u * scale)
+    if (excess > 0).any():
+        idx = _worst(excess)
+        raise AssertionError(
+            f"{name}: {int((excess > 0).sum())} of {err.numel()} elements beyond {factor:g} x the {dtype} "
+            f"reference's error + {atol_units:g} u rms (u = {u:.2e}, rms {scale:.3g}); worst at {idx}: got "
+            f"{actual[idx].item():.6g}, float64 {ref[idx].item():.6g}, {dtype} reference {lowp[idx].item():.6g}")
+    rms_err, rms_base = err.pow(2).mean().sqrt().item(), base.pow(2).mean().sqrt().item()
+    limit = factor * rms_base + RMS_ATOL_UNITS[dtype] * u * scale
+    assert rms_err <= limit, (
+        f"{name}: RMS error {rms_err:.3e} > {factor:g} x the {dtype} reference's {rms_base:.3e} "
+        f"+ {RMS_ATOL_UNITS[dtype]:g} u rms = {limit:.3e}; worst element at {_worst(err)}")
+
+
+def reference_in_dtype(q, k, v, rel_rows=None, rel_cols=None, kernel_size=7, dilation=1, scale=1.0,
+                       padding="zeros"):
+    """Local attention (SPEC section 1) computed by PyTorch in q's dtype, every intermediate in
+    that dtype (the tables cast to it, as autocast would): the yardstick of
+    assert_close_to_reference. Differentiable. Materialises the k*k window: small inputs only."""
+    dtype = q.dtype
+    B, H, W, heads, D = q.shape
+    radius = dilation * (kernel_size // 2)
+    pad = (0, 0, 0, 0, radius, radius, radius, radius)
+    k_pad, v_pad = F.pad(k, pad), F.pad(v, pad)
+    taps = [(a * dilation, b * dilation) for a in range(kernel_size) for b in range(kernel_size)]
+    keys = torch.stack([k_pad[:, r:r + H, c:c + W] for r, c in taps], dim=-2)  # (B, H, W, heads, k*k, D)
+    values = torch.stack([v_pad[:, r:r + H, c:c + W] for r, c in taps], dim=-2)
+    logits = torch.einsum("bhwnd,bhwntd->bhwnt", q, keys)
+    if rel_rows is not None:
+        d_rows = D // 2
+        pattern = "bhwnd,td->bhwnt" if rel_rows.dim() == 2 else "bhwnd,ntd->bhwnt"
+        rows = torch.einsum(pattern, q[..., :d_rows], rel_rows.to(dtype))  # (B, H, W, heads, k)
+        cols = torch.einsum(pattern, q[..., d_rows:], rel_cols.to(dtype))
+        logits = logits + rows.repeat_interleave(kernel_size, dim=-1) + cols.repeat(1, 1, 1, 1, kernel_size)
+    logits = logits * scale
+    if padding == "mask":
+        inside = F.pad(torch.ones(H, W, dtype=torch.bool, device=q.device), (radius,) * 4)
+        valid = torch.stack([inside[r:r + H, c:c + W] for r, c in taps], dim=-1)  # (H, W, k*k)
+        logits = logits.masked_fill(~valid[None, :, :, None], float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return torch.einsum("bhwnt,bhwntd->bhwnd", probs, values)

@@ -1,107 +1,335 @@
 """The Triton kernels of local_attention2d against the float64 reference, forward and backward.
 
-Without CUDA they run through Triton's interpreter (tests/conftest.py); with CUDA, compiled.
+Without CUDA they run through Triton's interpreter (tests/conftest.py); with CUDA, compiled, with
+the configs pinned (conftest: no tuned files, a private cache). Every comparison bounds each
+element's error by PyTorch's own error in the same dtype (helpers.assert_close_to_reference).
+
+The interpreter tests run the GPU's default configs (tuning.gpu_default_config) and a sample of
+the autotuning candidates explicitly, so CI checks the tiles a GPU runs. SASA_TRITON_EXTENDED_TESTS=1
+runs the full grid of default configs (windows, dilations, head dims, dtypes) instead of the sample.
 """
+import os
+import random
+from itertools import zip_longest
+from unittest import mock
+
 import pytest
 import torch
 
 import sasa_triton
+from sasa_triton import tuning
 from sasa_triton.ops.local_attention import _bwd, _fwd
 from sasa_triton.reference import local_attention2d as reference
 
-from helpers import assert_close
+from helpers import UNIT_ROUNDOFF, assert_close_to_reference, reference_in_dtype
 
-CASES = [
-    # B, H, W, heads, D, k, dilation, padding, rel
-    pytest.param(1, 5, 7, 2, 12, 3, 1, "zeros", "shared", id="B1-H5-W7-h2-D12-k3-d1-zeros-shared"),
-    pytest.param(2, 6, 5, 1, 16, 3, 2, "mask", "per_head", id="B2-H6-W5-h1-D16-k3-d2-mask-perhead"),
-    pytest.param(1, 7, 6, 2, 8, 5, 1, "mask", "shared", id="B1-H7-W6-h2-D8-k5-d1-mask-shared"),
-    pytest.param(1, 9, 5, 1, 6, 5, 2, "zeros", "per_head", id="B1-H9-W5-h1-D6-k5-d2-zeros-perhead"),
-    pytest.param(1, 4, 9, 3, 10, 7, 1, "zeros", "shared", id="B1-H4-W9-h3-D10-k7-d1-zeros-shared-H<k"),
-    pytest.param(1, 3, 3, 1, 20, 7, 1, "mask", "per_head", id="B1-H3-W3-h1-D20-k7-d1-mask-perhead-HW<k"),
-    pytest.param(1, 6, 6, 2, 16, 7, 2, "mask", "shared", id="B1-H6-W6-h2-D16-k7-d2-mask-shared"),
-    pytest.param(1, 5, 6, 2, 9, 5, 1, "zeros", None, id="B1-H5-W6-h2-D9-k5-d1-zeros-norel"),
-    pytest.param(2, 5, 5, 1, 4, 3, 1, "mask", None, id="B2-H5-W5-h1-D4-k3-d1-mask-norel"),
+KERNELS = ("local_fwd", "local_bwd_dq", "local_bwd_dkdv")
+GRADIENTS = ("dq", "dk", "dv", "drel_rows", "drel_cols")
+EXTENDED = os.environ.get("SASA_TRITON_EXTENDED_TESTS", "0") not in ("", "0")
+DTYPE_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def gpu_default_config(kernel, kernel_size, dilation, head_dim, dtype):
+    """The config a GPU launch of `kernel` uses by default, here too (an opaque dict)."""
+    lookup = getattr(tuning, "gpu_default_config", None)
+    if lookup is not None:
+        return lookup(kernel, kernel_size, dilation, head_dim, dtype)
+    # Fallback until tuning.gpu_default_config exists: default_config as seen without the interpreter.
+    with mock.patch.object(tuning, "interpreter_enabled", lambda: False):
+        return tuning.default_config(kernel, kernel_size, dilation, head_dim, dtype)
+
+
+def gpu_defaults(kernel_size, dilation, head_dim, dtype):
+    return {name: gpu_default_config(name, kernel_size, dilation, head_dim, dtype) for name in KERNELS}
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs, runs and checks
+# ----------------------------------------------------------------------------------------------
+
+def make_inputs(B, H, W, heads, D, k, rel, device, dtype, seed=0):
+    """Kernel inputs in `dtype` on `device` (the tables stay fp32, as parameters do under
+    autocast) and an upstream gradient dy (float64, on the CPU)."""
+    gen = torch.Generator().manual_seed(seed)
+    q, key, v = (torch.randn(B, H, W, heads, D, generator=gen, dtype=torch.float64).to(dtype) for _ in range(3))
+    rel_rows = rel_cols = None
+    if rel is not None:
+        lead = (heads,) if rel == "per_head" else ()
+        rel_rows = (torch.randn(*lead, k, D // 2, generator=gen, dtype=torch.float64) * 0.5).float()
+        rel_cols = (torch.randn(*lead, k, D - D // 2, generator=gen, dtype=torch.float64) * 0.5).float()
+    dy = torch.randn(B, H, W, heads, D, generator=gen, dtype=torch.float64)
+    inputs = [t if t is None else t.to(device) for t in (q, key, v, rel_rows, rel_cols)]
+    return inputs, dy
+
+
+def results_by_autograd(fn, inputs, dy, cast=lambda t: t, **options):
+    """{"y", "dq", "dk", "dv", "drel_rows", "drel_cols"} of fn(inputs) with dy, through autograd."""
+    leaves = [None if t is None else cast(t).detach().requires_grad_(True) for t in inputs]
+    y = fn(*leaves, **options)
+    present = [t for t in leaves if t is not None]
+    grads = torch.autograd.grad(y, present, dy.to(y.device, y.dtype))
+    return {"y": y, **dict(zip(GRADIENTS, grads))}
+
+
+def results_of_launchers(inputs, dy, configs, kernel_size, dilation, scale, padding):
+    """The same from the launchers with explicit configs ({kernel: config}), plus "lse"."""
+    q, key, v, rel_rows, rel_cols = inputs
+    y, lse = _fwd(q, key, v, rel_rows, rel_cols, kernel_size, dilation, scale, padding, config=configs["local_fwd"])
+    grads = _bwd(q, key, v, rel_rows, rel_cols, y, lse, dy.to(q.device, q.dtype), kernel_size, dilation, scale,
+                 padding, config_dq=configs["local_bwd_dq"], config_dkdv=configs["local_bwd_dkdv"])
+    out = {"y": y, "lse": lse, **dict(zip(GRADIENTS, grads))}
+    return {name: t for name, t in out.items() if t is not None}
+
+
+def references(inputs, dy, **options):
+    """The float64 reference's results and PyTorch's in the inputs' dtype (the yardstick)."""
+    exact = results_by_autograd(reference, inputs, dy, cast=lambda t: t.double(), **options)
+    in_dtype = results_by_autograd(reference_in_dtype, inputs, dy, **options)
+    return exact, in_dtype
+
+
+def check_results(results, exact, in_dtype, dtype, label=""):
+    """y and every gradient of `results` within assert_close_to_reference of the float64 ones."""
+    assert set(exact) <= set(results), f"{label}: missing {set(exact) - set(results)}"
+    for name in exact:
+        assert results[name].dtype == in_dtype[name].dtype, f"{label} {name}: dtype {results[name].dtype}"
+        assert_close_to_reference(results[name], exact[name], in_dtype[name], dtype, f"{label} {name}")
+
+
+def case_id(B, H, W, heads, D, k, dilation, padding, rel, dtype=None):
+    table = {"shared": "shared", "per_head": "perhead", None: "norel"}[rel]
+    dtype_part = f"-{DTYPE_IDS[dtype]}" if dtype is not None else ""
+    return f"B{B}-H{H}-W{W}-h{heads}-D{D}-k{k}-d{dilation}-{padding}-{table}{dtype_part}"
+
+
+def case(*args):
+    return pytest.param(*args, id=case_id(*args))
+
+
+# ----------------------------------------------------------------------------------------------
+# The public op: odd shapes (image smaller than the window, odd head dims) through autograd
+# ----------------------------------------------------------------------------------------------
+
+PUBLIC_CASES = [
+    # B, H, W, heads, D, k, dilation, padding, rel, dtype
+    case(2, 6, 5, 2, 6, 3, 2, "mask", "per_head", torch.float32),
+    case(1, 4, 9, 1, 10, 7, 1, "zeros", "shared", torch.float32),
+    case(1, 3, 3, 1, 20, 7, 1, "mask", "per_head", torch.float32),
+    case(1, 5, 6, 2, 9, 5, 1, "zeros", None, torch.float16),
 ]
 
 
-def make_inputs(B, H, W, heads, D, k, rel, device, dtype, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    q, key, v = (torch.randn(B, H, W, heads, D, generator=gen, dtype=torch.float64) for _ in range(3))
-    if rel is None:
-        rel_rows = rel_cols = None
-    else:
-        lead = (heads,) if rel == "per_head" else ()
-        rel_rows = torch.randn(*lead, k, D // 2, generator=gen, dtype=torch.float64) * 0.5
-        rel_cols = torch.randn(*lead, k, D - D // 2, generator=gen, dtype=torch.float64) * 0.5
-    # The kernel sees the inputs rounded to its dtype (the tables stay fp32, as parameters do
-    # under autocast); the reference gets the same rounded values in float64.
-    q, key, v = (t.to(dtype) for t in (q, key, v))
-    if rel is not None:
-        rel_rows, rel_cols = rel_rows.float(), rel_cols.float()
-    kernel_inputs = [t if t is None else t.to(device) for t in (q, key, v, rel_rows, rel_cols)]
-    reference_inputs = [t if t is None else t.double() for t in (q, key, v, rel_rows, rel_cols)]
-    return kernel_inputs, reference_inputs
+@pytest.mark.parametrize("B,H,W,heads,D,k,dilation,padding,rel,dtype", PUBLIC_CASES)
+def test_public_op_matches_reference(B, H, W, heads, D, k, dilation, padding, rel, dtype, device):
+    """local_attention2d (the config this machine looks up) and its autograd, y and every gradient."""
+    inputs, dy = make_inputs(B, H, W, heads, D, k, rel, device, dtype)
+    options = dict(kernel_size=k, dilation=dilation, scale=0.5, padding=padding)
+    results = results_by_autograd(sasa_triton.local_attention2d, inputs, dy, backend="triton", **options)
+    check_results(results, *references(inputs, dy, **options), dtype)
 
 
-def run_both(case, device, dtype, scale=0.5):
-    B, H, W, heads, D, k, dilation, padding, rel = case
-    kernel_inputs, reference_inputs = make_inputs(B, H, W, heads, D, k, rel, device, dtype)
-    for t in kernel_inputs + reference_inputs:
-        if t is not None:
-            t.requires_grad_(True)
-    kwargs = dict(kernel_size=k, dilation=dilation, scale=scale, padding=padding)
-    out = sasa_triton.local_attention2d(*kernel_inputs, backend="triton", **kwargs)
-    expected = reference(*reference_inputs, **kwargs)
-    dy = torch.randn(expected.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    grads = torch.autograd.grad(out, [t for t in kernel_inputs if t is not None], dy.to(device, dtype))
-    expected_grads = torch.autograd.grad(expected, [t for t in reference_inputs if t is not None], dy)
-    return out, expected, grads, expected_grads
+def test_bf16_matches_reference(device):
+    """bf16 through the public op (under the interpreter, computed in fp32: Triton's interpreter
+    mishandles bf16) within bf16's bound of the float64 reference."""
+    inputs, dy = make_inputs(1, 5, 9, 1, 16, 3, "shared", device, torch.bfloat16)
+    options = dict(kernel_size=3, dilation=1, scale=0.5, padding="zeros")
+    results = results_by_autograd(sasa_triton.local_attention2d, inputs, dy, backend="triton", **options)
+    assert results["y"].dtype == torch.bfloat16
+    check_results(results, *references(inputs, dy, **options), torch.bfloat16)
 
 
-@pytest.mark.parametrize("B,H,W,heads,D,k,dilation,padding,rel", CASES)
-def test_forward_backward_fp32(B, H, W, heads, D, k, dilation, padding, rel, device):
-    case = (B, H, W, heads, D, k, dilation, padding, rel)
-    out, expected, grads, expected_grads = run_both(case, device, torch.float32)
-    assert out.dtype == torch.float32
-    assert_close(out, expected, torch.float32, "y")
-    for name, g, e in zip(["dq", "dk", "dv", "drel_rows", "drel_cols"], grads, expected_grads):
-        assert g.dtype == torch.float32
-        assert_close(g, e, torch.float32, name)
+# ----------------------------------------------------------------------------------------------
+# The GPU's default configs, run explicitly (through the interpreter in CI)
+# ----------------------------------------------------------------------------------------------
+
+# Images of two tiles or more each way (one way for a few) for the default tiles seen so far (8x8
+# at r <= 4, 4x16 at r = 5-7, the lower D > 64 tiles), so that tile edges, the halo of a
+# neighbouring tile and the image border all occur; small, because the interpreter is slow (k = 15
+# and D > 64 at k = 11 cost about 30 s each there: SASA_TRITON_EXTENDED_TESTS=1 runs them).
+DEFAULT_CONFIG_CASES = [
+    # B, H, W, heads, D, k, dilation, padding, rel, dtype
+    case(1, 10, 9, 1, 8, 3, 1, "zeros", "shared", torch.float32),
+    case(1, 9, 6, 2, 16, 3, 2, "mask", "per_head", torch.float16),
+    case(1, 9, 9, 1, 64, 7, 1, "zeros", None, torch.float16),
+    case(1, 5, 17, 1, 8, 7, 2, "zeros", "shared", torch.float16),
+    case(1, 5, 17, 1, 16, 11, 1, "mask", "shared", torch.float32),
+    case(1, 9, 9, 1, 72, 3, 1, "mask", "shared", torch.float16),
+    case(1, 4, 9, 1, 72, 7, 1, "zeros", "shared", torch.float32),
+]
 
 
-LOW_PRECISION_CASES = [CASES[0], CASES[2], CASES[7]]
+def _extended_default_cases():
+    """Every window of 3-15, dilation 1-2, head dim 8, 16, 64, 72 (D > 64 tiles) in fp32 and fp16,
+    padding and tables rotating through the grid."""
+    cases = []
+    rotation = [("zeros", "shared"), ("mask", "per_head"), ("mask", "shared"), ("zeros", None)]
+    for index, (k, dilation, D, dtype) in enumerate(
+            (k, d, D, dt) for k in (3, 7, 11, 15) for d in (1, 2) for D in (8, 16, 64, 72)
+            for dt in (torch.float32, torch.float16)):
+        padding, rel = rotation[index % len(rotation)]
+        radius = dilation * (k // 2)
+        H, W = (9, 10) if radius <= 4 else (5, 18)  # two 8x8 tiles each way, or two 4x16
+        cases.append(case(1, H, W, 1 + index % 2, D, k, dilation, padding, rel, dtype))
+    return cases
 
 
-@pytest.mark.parametrize("B,H,W,heads,D,k,dilation,padding,rel", LOW_PRECISION_CASES)
-def test_forward_backward_fp16(B, H, W, heads, D, k, dilation, padding, rel, device):
-    case = (B, H, W, heads, D, k, dilation, padding, rel)
-    out, expected, grads, expected_grads = run_both(case, device, torch.float16)
-    assert out.dtype == torch.float16
-    assert_close(out, expected, torch.float16, "y")
-    for name, g, e in zip(["dq", "dk", "dv", "drel_rows", "drel_cols"], grads, expected_grads):
-        assert_close(g, e, torch.float16, name)
+@pytest.mark.parametrize("B,H,W,heads,D,k,dilation,padding,rel,dtype",
+                         _extended_default_cases() if EXTENDED else DEFAULT_CONFIG_CASES)
+def test_gpu_default_configs(B, H, W, heads, D, k, dilation, padding, rel, dtype, device):
+    """The forward, dq and dk/dv kernels, each at the GPU's default config for the key, against
+    float64: y and every gradient."""
+    inputs, dy = make_inputs(B, H, W, heads, D, k, rel, device, dtype)
+    options = dict(kernel_size=k, dilation=dilation, scale=0.5, padding=padding)
+    configs = gpu_defaults(k, dilation, D, dtype)
+    results = results_of_launchers(inputs, dy, configs, **options)
+    check_results(results, *references(inputs, dy, **options), dtype, label=str(configs))
 
+
+# ----------------------------------------------------------------------------------------------
+# Autotuning candidates
+# ----------------------------------------------------------------------------------------------
+
+def candidates(kernel, kernel_size, dilation, head_dim, dtype, height, width):
+    return tuning.candidate_configs(kernel, kernel_size, dilation, head_dim, dtype, height, width)
+
+
+def _tile(config):
+    """A config without its launch parameters (warps, stages): what the interpreter runs."""
+    return tuple(sorted((k, v) for k, v in config.items() if k not in tuning.CONFIG_FIELDS))
+
+
+def candidate_sample(kernel, n, *key):
+    """The default and n other tiles of the key's candidates, picked at random with a fixed seed
+    (the interpreter ignores warps and stages, so one config per tile)."""
+    configs = candidates(kernel, *key)
+    by_tile = {}
+    for config in configs[1:]:
+        by_tile.setdefault(_tile(config), config)
+    by_tile.pop(_tile(configs[0]), None)
+    tiles = sorted(by_tile)
+    picked = random.Random(f"{kernel}{key}").sample(tiles, min(n, len(tiles)))
+    return [configs[0]] + [by_tile[t] for t in picked]
+
+
+def check_candidates(inputs, dy, options, per_kernel, dtype):
+    """Runs the i-th candidate of each kernel together (the default stands in for a kernel with
+    fewer) and checks every output against float64 and lse against the default config's lse.
+    Returns the mismatches, one line each (after trying every candidate)."""
+    exact, in_dtype = references(inputs, dy, **options)
+    defaults = {kernel: configs[0] for kernel, configs in per_kernel.items()}
+    default_lse = None
+    failures = []
+    for picks in zip_longest(*per_kernel.values()):
+        configs = {kernel: pick or defaults[kernel] for kernel, pick in zip(per_kernel, picks)}
+        label = ", ".join(f"{kernel} {configs[kernel]}" for kernel in per_kernel)
+        try:
+            results = results_of_launchers(inputs, dy, configs, **options)
+            check_results(results, exact, in_dtype, dtype, label)
+            if default_lse is None:
+                default_lse = results["lse"]
+            torch.testing.assert_close(results["lse"], default_lse, rtol=1e-5, atol=1e-5, msg=lambda m: f"lse: {m}")
+        except AssertionError as error:
+            failures.append(f"{label}: {str(error).splitlines()[0]}")
+    return failures
+
+
+def test_candidate_configs_sample(device):
+    """A deterministic sample of the autotuning candidates of each kernel for one small key, run
+    explicitly, against float64 and the default config (the first candidate)."""
+    B, H, W, heads, D, k, dilation = 1, 10, 11, 1, 16, 7, 1
+    dtype = torch.float32
+    inputs, dy = make_inputs(B, H, W, heads, D, k, "shared", device, dtype)
+    options = dict(kernel_size=k, dilation=dilation, scale=0.5, padding="zeros")
+    per_kernel = {kernel: candidate_sample(kernel, 1 + EXTENDED * 3, k, dilation, D, dtype, H, W)
+                  for kernel in KERNELS}
+    assert all(len(configs) > 1 for configs in per_kernel.values()), per_kernel
+    failures = check_candidates(inputs, dy, options, per_kernel, dtype)
+    assert not failures, "\n".join(failures)
+
+
+# ----------------------------------------------------------------------------------------------
+# The check itself: it must reject what the kernels could get wrong
+# ----------------------------------------------------------------------------------------------
+
+CHECK_DTYPES = [pytest.param(dt, id=DTYPE_IDS[dt]) for dt in (torch.float32, torch.float16, torch.bfloat16)]
+
+
+def reference_outputs(dtype, padding="zeros", k=7, shape=(1, 9, 10, 2, 16)):
+    """Inputs in dtype; the float64 output, PyTorch's in dtype, and the float64 output of
+    `padding` rounded to dtype (the best a kernel computing it can return)."""
+    B, H, W, heads, D = shape
+    (q, key, v, rel_rows, rel_cols), _ = make_inputs(B, H, W, heads, D, k, "shared", "cpu", dtype)
+    options = dict(kernel_size=k, scale=0.5)
+    exact = reference(*(t.double() for t in (q, key, v, rel_rows, rel_cols)), padding="zeros", **options)
+    in_dtype = reference_in_dtype(q, key, v, rel_rows, rel_cols, padding="zeros", **options)
+    kernel_like = reference(*(t.double() for t in (q, key, v, rel_rows, rel_cols)), padding=padding, **options)
+    return exact, in_dtype, kernel_like.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", CHECK_DTYPES)
+def test_check_accepts_correct_output(dtype):
+    exact, in_dtype, correct = reference_outputs(dtype)
+    assert_close_to_reference(correct, exact, in_dtype, dtype, "y")
+    # So does an fp32 computation rounded to dtype (what the kernels do).
+    (q, key, v, rel_rows, rel_cols), _ = make_inputs(1, 9, 10, 2, 16, 7, "shared", "cpu", dtype)
+    fp32 = reference(q.float(), key.float(), v.float(), rel_rows, rel_cols, kernel_size=7, scale=0.5)
+    assert_close_to_reference(fp32.to(dtype), exact, in_dtype, dtype, "y")
+
+
+@pytest.mark.parametrize("k", [7, 15])
+@pytest.mark.parametrize("dtype", CHECK_DTYPES)
+def test_check_rejects_mask_where_zeros_was_asked(dtype, k):
+    exact, in_dtype, masked = reference_outputs(dtype, padding="mask", k=k, shape=(1, 12, 11, 2, 16))
+    with pytest.raises(AssertionError, match="worst at"):
+        assert_close_to_reference(masked, exact, in_dtype, dtype, "y")
+
+
+@pytest.mark.parametrize("dtype", CHECK_DTYPES)
+def test_check_rejects_two_zeroed_elements(dtype):
+    exact, in_dtype, correct = reference_outputs(dtype)
+    # Two elements of typical size (|y| >= its RMS), as a kernel skipping a store would leave.
+    typical = torch.nonzero(exact.abs().flatten() >= exact.pow(2).mean().sqrt()).flatten()
+    assert typical.numel() > 100
+    wrong = correct.clone().flatten()
+    wrong[typical[[17, 101]]] = 0
+    with pytest.raises(AssertionError, match="2 of .* elements"):
+        assert_close_to_reference(wrong.view_as(correct), exact, in_dtype, dtype, "y")
+
+
+@pytest.mark.parametrize("dtype", CHECK_DTYPES)
+def test_check_rejects_nan(dtype):
+    exact, in_dtype, correct = reference_outputs(dtype)
+    wrong = correct.clone()
+    wrong[0, 4, 5, 1, 3] = float("nan")
+    with pytest.raises(AssertionError, match=r"1 non-finite values, first at \[\[0, 4, 5, 1, 3\]\]"):
+        assert_close_to_reference(wrong, exact, in_dtype, dtype, "y")
+
+
+# ----------------------------------------------------------------------------------------------
+# Buffers, layouts, extremes
+# ----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("padding", ["zeros", "mask"])
 def test_every_output_element_is_written(padding, device):
-    """Poisoned (NaN) output and gradient buffers come back fully finite."""
-    B, H, W, heads, D, k = 1, 5, 7, 2, 12, 5
+    """Poisoned (NaN) output and gradient buffers come back fully finite (the GPU's default configs)."""
+    B, H, W, heads, D, k = 1, 5, 10, 1, 12, 5
     (q, key, v, rel_rows, rel_cols), _ = make_inputs(B, H, W, heads, D, k, "shared", device, torch.float32)
+    configs = gpu_defaults(k, 1, D, torch.float32)
     y = torch.full_like(q, float("nan"))
     lse = torch.full((B, heads, H, W), float("nan"), device=device)
-    y, lse = _fwd(q, key, v, rel_rows, rel_cols, k, 1, 1.0, padding, y=y, lse=lse)
+    y, lse = _fwd(q, key, v, rel_rows, rel_cols, k, 1, 1.0, padding, y=y, lse=lse, config=configs["local_fwd"])
     assert torch.isfinite(y).all() and torch.isfinite(lse).all()
     dy = torch.randn_like(q)
     grads = tuple(torch.full_like(q, float("nan")) for _ in range(3))
-    dq, dk, dv, drr, drc = _bwd(q, key, v, rel_rows, rel_cols, y, lse, dy, k, 1, 1.0, padding, grads=grads)
+    dq, dk, dv, drr, drc = _bwd(q, key, v, rel_rows, rel_cols, y, lse, dy, k, 1, 1.0, padding, grads=grads,
+                                config_dq=configs["local_bwd_dq"], config_dkdv=configs["local_bwd_dkdv"])
     for g in (dq, dk, dv, drr, drc):
         assert torch.isfinite(g).all()
 
 
 def test_noncontiguous_and_channels_last_views(device):
     """q, k, v as strided views of one fused projection (NCHW and channels_last) need no copy."""
-    B, C_in, H, W, heads, D, k = 1, 4, 5, 6, 2, 8, 3
+    B, H, W, heads, D, k = 1, 5, 6, 2, 8, 3
     gen = torch.Generator().manual_seed(3)
     for memory_format in (torch.contiguous_format, torch.channels_last):
         qkv = torch.randn(B, 3 * heads * D, H, W, generator=gen).to(device).contiguous(memory_format=memory_format)
@@ -109,13 +337,14 @@ def test_noncontiguous_and_channels_last_views(device):
         rel_rows = torch.randn(k, D // 2, generator=gen).to(device)
         rel_cols = torch.randn(k, D - D // 2, generator=gen).to(device)
         out = sasa_triton.local_attention2d(q, key, v, rel_rows, rel_cols, kernel_size=k, backend="triton")
-        expected = reference(*(t.double() for t in (q, key, v, rel_rows, rel_cols)), kernel_size=k)
-        assert_close(out, expected, torch.float32, str(memory_format))
+        exact = reference(*(t.double() for t in (q, key, v, rel_rows, rel_cols)), kernel_size=k)
+        in_dtype = reference_in_dtype(q, key, v, rel_rows, rel_cols, kernel_size=k)
+        assert_close_to_reference(out, exact, in_dtype, torch.float32, str(memory_format))
 
 
 def test_saved_tensors_hold_nothing_of_window_size(device):
     """What autograd keeps for backward: q, k, v, y, the log-sum-exp and the embeddings."""
-    B, H, W, heads, D, k = 1, 6, 5, 2, 8, 5
+    B, H, W, heads, D, k = 1, 6, 5, 2, 8, 3
     (q, key, v, rel_rows, rel_cols), _ = make_inputs(B, H, W, heads, D, k, "shared", device, torch.float32)
     for t in (q, key, v, rel_rows, rel_cols):
         t.requires_grad_(True)
@@ -130,7 +359,8 @@ def test_saved_tensors_hold_nothing_of_window_size(device):
 
 
 def test_fp16_large_logits_do_not_overflow(device):
-    """Logits near 1e4 in fp16 inputs stay finite: the softmax runs in fp32."""
+    """Logits near 1e4 in fp16 inputs stay finite: the softmax runs in fp32 (PyTorch's own fp16
+    softmax overflows here, so the yardstick is fp32 rounded to fp16)."""
     B, H, W, heads, D, k = 1, 4, 4, 1, 16, 3
     gen = torch.Generator().manual_seed(5)
     q = (torch.randn(B, H, W, heads, D, generator=gen) * 25).half()
@@ -140,8 +370,9 @@ def test_fp16_large_logits_do_not_overflow(device):
     assert logits.abs().max() > 1e3
     out = sasa_triton.local_attention2d(q.to(device), key.to(device), v.to(device), kernel_size=k, backend="triton")
     assert torch.isfinite(out).all()
-    expected = reference(q.double(), key.double(), v.double(), kernel_size=k)
-    assert_close(out, expected, torch.float16, "y")
+    exact = reference(q.double(), key.double(), v.double(), kernel_size=k)
+    in_fp32 = reference(q.float(), key.float(), v.float(), kernel_size=k).half()
+    assert_close_to_reference(out, exact, in_fp32, torch.float16, "y")
 
 
 def test_nan_reaches_every_query_that_sees_it(device):
@@ -170,32 +401,49 @@ def test_empty_batch(device):
     assert rel_rows.grad is not None and torch.all(rel_rows.grad == 0)
 
 
-def test_backend_selection_on_cpu(monkeypatch):
+def test_backend_selection_on_cpu(monkeypatch, device):
+    """CPU tensors run the kernels only under the interpreter; "auto" falls back to the reference
+    elsewhere; "reference" runs anywhere; float64 is the reference's alone. The same on a machine
+    with or without CUDA."""
     q = torch.randn(1, 4, 4, 1, 4, dtype=torch.float64)
-    # float64 is reference-only; "reference" works anywhere.
     out = sasa_triton.local_attention2d(q, q, q, kernel_size=3, backend="reference")
     assert out.dtype == torch.float64
+    with pytest.raises(TypeError, match="float64"):  # where the kernels can run, not in float64
+        sasa_triton.local_attention2d(*(q.to(device),) * 3, kernel_size=3, backend="triton")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
+    q32 = q.float()
     with pytest.raises(ValueError, match="backend='triton'"):
-        sasa_triton.local_attention2d(q.float(), q.float(), q.float(), kernel_size=3, backend="triton")
+        sasa_triton.local_attention2d(q32, q32, q32, kernel_size=3, backend="triton")
+    out = sasa_triton.local_attention2d(q32, q32, q32, kernel_size=3)  # auto: the reference on the CPU
+    torch.testing.assert_close(out, reference(q32, q32, q32, kernel_size=3), rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU only: compiled kernels at the pinned default configs (conftest), then every candidate
+# ----------------------------------------------------------------------------------------------
+
+GPU_WINDOWS = [pytest.param(k, d, id=f"k{k}-d{d}") for k, d in [(3, 1), (7, 1), (7, 2), (11, 1), (15, 1), (15, 2)]]
+GPU_VARIANTS = [  # head dim, padding, tables
+    pytest.param(32, "zeros", "shared", id="D32-zeros-shared"),
+    pytest.param(64, "mask", "per_head", id="D64-mask-perhead"),
+    pytest.param(96, "zeros", None, id="D96-zeros-norel"),
+    pytest.param(128, "mask", "shared", id="D128-mask-shared"),
+]
+GPU_DTYPES = [pytest.param(dt, id=DTYPE_IDS[dt]) for dt in (torch.bfloat16, torch.float16, torch.float32)]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("k,dilation", [(3, 1), (7, 1), (7, 2), (11, 1), (15, 1)])
-def test_gpu_larger_shapes(dtype, k, dilation):
-    B, H, W, heads, D = 2, 30, 27, 4, 32
-    (q, key, v, rel_rows, rel_cols), ref_inputs = make_inputs(B, H, W, heads, D, k, "shared", "cuda", dtype)
-    for t in (q, key, v, rel_rows, rel_cols, *ref_inputs):
-        t.requires_grad_(True)
-    out = sasa_triton.local_attention2d(q, key, v, rel_rows, rel_cols, kernel_size=k, dilation=dilation)
-    expected = reference(*[t.cuda() for t in ref_inputs], kernel_size=k, dilation=dilation)
-    assert_close(out, expected, dtype, "y")
-    dy = torch.randn_like(expected)
-    grads = torch.autograd.grad(out, (q, key, v, rel_rows, rel_cols), dy.to(dtype))
-    expected_grads = torch.autograd.grad(expected, ref_inputs, dy)
-    for name, g, e in zip(["dq", "dk", "dv", "drel_rows", "drel_cols"], grads, expected_grads):
-        assert_close(g, e, dtype, name)
+@pytest.mark.parametrize("D,padding,rel", GPU_VARIANTS)
+@pytest.mark.parametrize("k,dilation", GPU_WINDOWS)
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+def test_gpu_matches_reference(dtype, k, dilation, D, padding, rel):
+    """The public op on CUDA (default configs: conftest pins them), y and every gradient, windows
+    up to 15, dilation 2, D up to 128, both paddings, shared, per-head and absent tables."""
+    B, H, W, heads = 2, 30, 27, 4
+    inputs, dy = make_inputs(B, H, W, heads, D, k, rel, "cuda", dtype)
+    options = dict(kernel_size=k, dilation=dilation, scale=0.5, padding=padding)
+    results = results_by_autograd(sasa_triton.local_attention2d, inputs, dy, **options)
+    check_results(results, *references(inputs, dy, **options), dtype)
 
 
 @pytest.mark.gpu
@@ -212,3 +460,22 @@ def test_gpu_backward_is_bitwise_repeatable():
     for other in runs[1:]:
         for a, b in zip(runs[0], other):
             assert torch.equal(a, b)
+
+
+# ResNet-50's four attention stages (8 heads, k = 7) at batch 2. Last in this file: a candidate
+# that faults poisons the CUDA context, and with it every test after it.
+RESNET50_STAGES = [pytest.param(H, D, id=f"H{H}-D{D}") for H, D in [(56, 8), (28, 16), (14, 32), (7, 64)]]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("H,D", RESNET50_STAGES)
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+def test_gpu_every_candidate_config(dtype, H, D):
+    """Every autotuning candidate of the forward, dq and dk/dv kernels at a ResNet-50 stage shape,
+    against float64 (and lse against the default config's): lists every mismatch."""
+    B, heads, k = 2, 8, 7
+    inputs, dy = make_inputs(B, H, H, heads, D, k, "shared", "cuda", dtype)
+    options = dict(kernel_size=k, dilation=1, scale=1.0, padding="zeros")
+    per_kernel = {kernel: candidates(kernel, k, 1, D, dtype, H, H) for kernel in KERNELS}
+    failures = check_candidates(inputs, dy, options, per_kernel, dtype)
+    assert not failures, f"{len(failures)} failing candidate combinations:\n" + "\n".join(failures)

@@ -6,6 +6,8 @@ import torch
 
 from sasa_triton.reference import local_attention2d as reference
 
+from helpers import UNIT_ROUNDOFF, reference_in_dtype
+
 
 def direct_loop(q, k, v, rel_rows, rel_cols, kernel_size, dilation, scale, padding):
     """The definition, one query and one window tap at a time (obviously correct, very slow)."""
@@ -97,3 +99,37 @@ def test_reference_keeps_low_precision_dtype():
     assert out.dtype == torch.float16
     expected = reference(q.double(), key.double(), v.double(), rel_rows.double(), rel_cols.double(), 3)
     torch.testing.assert_close(out.double(), expected, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("B,H,W,heads,D,k,dilation,padding,rel", CASES)
+def test_reference_in_dtype_is_the_same_function(B, H, W, heads, D, k, dilation, padding, rel):
+    """helpers.reference_in_dtype (the yardstick of the kernels' tests) in float64: the reference's
+    values and gradients."""
+    inputs = [t if t is None else t.requires_grad_(True) for t in make_inputs(B, H, W, heads, D, k, rel)]
+    present = [t for t in inputs if t is not None]
+    options = dict(kernel_size=k, dilation=dilation, scale=0.37, padding=padding)
+    actual = reference_in_dtype(*inputs, **options)
+    expected = reference(*inputs, **options)
+    torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-12)
+    dy = torch.randn_like(expected)
+    for a, e in zip(torch.autograd.grad(actual, present, dy), torch.autograd.grad(expected, present, dy)):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+def test_reference_in_dtype_computes_in_dtype(dtype):
+    """In a low dtype it returns that dtype, with an error of that dtype's order: more than a
+    rounding of the float64 result (its intermediates are rounded too), less than 8 units of
+    roundoff in RMS."""
+    q, key, v, rel_rows, rel_cols = make_inputs(1, 6, 7, 2, 16, 5, "shared")
+    expected = reference(q, key, v, rel_rows, rel_cols, kernel_size=5)
+    actual = reference_in_dtype(q.to(dtype), key.to(dtype), v.to(dtype), rel_rows.float(), rel_cols.float(),
+                                kernel_size=5)
+    assert actual.dtype == dtype
+    exact = reference(*(t.to(dtype).double() for t in (q, key, v)), rel_rows.float().double(),
+                      rel_cols.float().double(), kernel_size=5)
+    u = UNIT_ROUNDOFF[dtype]
+    rms = exact.pow(2).mean().sqrt()
+    error = (actual.double() - exact).pow(2).mean().sqrt() / (u * rms)
+    rounding = (exact.to(dtype).double() - exact).pow(2).mean().sqrt() / (u * rms)
+    assert rounding < error < 8, (rounding.item(), error.item())
