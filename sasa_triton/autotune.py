@@ -554,6 +554,7 @@ def _tune_in_child(conn, jobs: list, options: dict) -> None:
         except Exception as error:
             if not _context_ok(device):
                 conn.send(("error", index, f"the CUDA context broke preparing the key: {_one_line(error)}"))
+                conn.send(("yield",))  # the rest goes on in a fresh child
                 conn.close()
                 os._exit(FAULT_EXIT_CODE)
             conn.send(("error", index, f"{_one_line(error)}\n{traceback.format_exc(limit=4)}"))
@@ -579,6 +580,9 @@ def _tune_in_child(conn, jobs: list, options: dict) -> None:
                         result.update(status="mismatch", reason=changed)
                 if result["status"] == "accepted" and options["time"]:
                     result["ms"] = problems[0].time(configs[i])
+                    changed = guard.changed()  # the timed launches reuse the inputs
+                    if changed is not None:
+                        result.update(status="mismatch", reason=f"{changed} while timed", ms=None)
             except Exception as error:
                 if not _context_ok(device):
                     conn.send(("fault", index, i, f"the CUDA context broke: {_one_line(error)}"))

@@ -280,12 +280,14 @@ def other_launch(kernel="local_fwd", **change):
 
 class WrongAnswerProblem(LocalProblem):
     """The launch of a config with num_stages == 2 returns a y with one wrong element, and
-    pretends to be the fastest."""
+    pretends to be the fastest; one with num_stages == 3 writes into its input q."""
 
     def run(self, config, fill=True):
         out = super().run(config, fill)
         if config["num_stages"] == 2 and "y" in out:
             out["y"][0, 1, 2, 0, 3] += 1.0
+        if config["num_stages"] == 3:
+            self.q[0, 0, 0, 0, 0] += 1.0
         return out
 
     def time(self, config):
@@ -293,15 +295,17 @@ class WrongAnswerProblem(LocalProblem):
 
 
 def test_tuner_rejects_a_wrong_candidate_and_keeps_the_fastest_right_one():
-    good, bad = other_launch(), other_launch(num_stages=2)
-    task = Task("local_fwd", 3, 1, TINY, "fp32", candidates=[bad, good])
+    good, bad, writer = other_launch(), other_launch(num_stages=2), other_launch(num_stages=3)
+    task = Task("local_fwd", 3, 1, TINY, "fp32", candidates=[bad, writer, good])
     [result] = autotune.tune([task], problem=WrongAnswerProblem)
     assert result.error is None
-    assert [result.results[i]["status"] for i in range(3)] == ["accepted", "mismatch", "accepted"]
+    assert [result.results[i]["status"] for i in range(4)] == ["accepted", "mismatch", "mismatch", "accepted"]
     assert "elements off" in result.results[1]["reason"] and "[0, 1, 2, 0, 3]" in result.results[1]["reason"]
+    assert "wrote outside its outputs (changed zeros.input0" in result.results[2]["reason"]
     entry = result.entry()
     assert tuning.entry_config(entry) == good and entry["ms"] == 0.5 and entry["default_ms"] == 1.0
-    assert entry["rejected"] == [{"config": bad, "reason": "mismatch: " + result.results[1]["reason"]}]
+    assert entry["rejected"] == [{"config": c, "reason": "mismatch: " + result.results[i]["reason"]}
+                                 for i, c in ((1, bad), (2, writer))]
     # What the file holds is what the launchers then get.
     tuning.save_tuned(None, {result.key: entry})
     assert tuning.get_config("local_fwd", 3, 1, TINY[-1], torch.float32, 6, 6) == good
