@@ -440,7 +440,9 @@ def default_config(kernel: str, kernel_size: int, dilation: int, head_dim: int, 
     step_rows = max(step_rows, 16 // halo_w)  # a step's dot needs at least 16 strip pixels
     # fp32 inputs run their dots on the FMA units (ieee), operands in registers: more warps.
     num_warps = 4 if dtype == torch.float32 else 1
-    num_stages = 2 if step_rows < halo_rows else 1
+    # Pipelined loads (cp.async) for several steps of tensor-core dots; fp32's FMA dots hold their
+    # operands in registers, where a second stage only adds pressure (dk/dv spilled at D = 64).
+    num_stages = 2 if step_rows < halo_rows and dtype != torch.float32 else 1
     return {"BLOCK_H": block_h, "BLOCK_W": block_w, "STEP_ROWS": step_rows, "num_warps": num_warps,
             "num_stages": num_stages}
 
@@ -504,8 +506,8 @@ def _plan(kernel, q, kernel_size, dilation, padding, rel_rows, config=None) -> _
     B, H, W, heads, D = q.shape
     config = tuning.get_config(kernel, kernel_size, dilation, D, q.dtype, H, W)
     per_head = rel_rows.dim() == 3 if rel_rows is not None else None
-    key = (kernel, q.shape, q.dtype, kernel_size, dilation, padding, per_head, dot_precision(q.dtype),
-           tuple(config.values()))
+    precision = dot_precision(q.dtype) if q.dtype == torch.float32 else None
+    key = (kernel, q.shape, q.dtype, kernel_size, dilation, padding, per_head, precision, tuple(config.values()))
     plan = _PLANS.get(key)
     if plan is None:
         plan = _PLANS[key] = _Plan(q, kernel_size, dilation, padding, rel_rows, config)
@@ -579,8 +581,8 @@ def _bwd(q, k, v, rel_rows, rel_cols, y, lse, dy, kernel_size, dilation, scale, 
     without tables). `grads` may hold preallocated contiguous (dq, dk, dv) buffers (the tests
     poison them)."""
     B, H, W, heads, D = q.shape
-    if grads is None:
-        grads = tuple(torch.empty(q.shape, device=q.device, dtype=q.dtype) for _ in range(3))
+    if grads is None:  # one allocation; the custom op (whose outputs may not alias) passes three
+        grads = torch.empty((3, *q.shape), device=q.device, dtype=q.dtype).unbind(0)
     dq, dk, dv = grads
     if not all(g.is_contiguous() for g in grads):
         raise ValueError("grads must be contiguous (the kernels write them as such)")
@@ -610,7 +612,10 @@ def _bwd(q, k, v, rel_rows, rel_cols, y, lse, dy, kernel_size, dilation, scale, 
     else:
         total = drel.view(B, heads, -1, kernel_size, D).sum(dim=(0, 2))
     d_rows = D // 2
-    return (dq, dk, dv, total[..., :d_rows].to(rel_rows.dtype), total[..., d_rows:].to(rel_cols.dtype))
+    drel_rows, drel_cols = total[..., :d_rows], total[..., d_rows:]
+    if rel_rows.dtype != torch.float32:
+        drel_rows, drel_cols = drel_rows.to(rel_rows.dtype), drel_cols.to(rel_cols.dtype)
+    return dq, dk, dv, drel_rows, drel_cols
 
 
 def static_specs(shape=(32, 56, 56, 8, 64), dtype=torch.bfloat16, kernel_size=7, dilation=1, padding="zeros",
@@ -686,8 +691,9 @@ def _local_attention2d_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, re
                            rel_cols: Optional[torch.Tensor], y: torch.Tensor, lse: torch.Tensor, dy: torch.Tensor,
                            kernel_size: int, dilation: int, scale: float,
                            padding: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    grads = tuple(torch.empty(q.shape, device=q.device, dtype=q.dtype) for _ in range(3))
     dq, dk, dv, drel_rows, drel_cols = _bwd(q, k, v, rel_rows, rel_cols, y, lse, dy, kernel_size, dilation,
-                                            scale, padding)
+                                            scale, padding, grads=grads)
     if rel_rows is None:  # ops return tensors only: empty stand-ins, mapped back to None below
         return dq, dk, dv, q.new_empty(0), q.new_empty(0)
     # An op's outputs may not alias each other: the two halves of one sum are copied apart.
