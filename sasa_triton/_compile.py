@@ -1,8 +1,8 @@
 """Compile kernels for a GPU that is not present and read their resource use.
 
 `triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))` builds PTX and a cubin for an
-H100 without a GPU; the ptxas shipped in the triton wheel (`-v`) reports registers, spills and
-shared memory, and cuobjdump's SASS shows whether tensor-core instructions (HGMMA on sm_90,
+H100 without a GPU; the ptxas Triton compiled with (`-v`, see `triton_ptxas`) reports registers,
+spills and shared memory, and cuobjdump's SASS shows whether tensor-core instructions (HGMMA on sm_90,
 HMMA on sm_80+) are there and how many instructions the main loop and the rest of the kernel
 hold (the instruction-count proxy of sasa_triton.inspect). Needs compiled (not interpreted) kernels: with TRITON_INTERPRET=1 the
 @triton.jit functions are interpreter objects, so callers run this in a subprocess without it.
@@ -54,6 +54,46 @@ def _tool(name: str) -> str | None:
     return path if os.path.exists(path) else shutil.which(name)
 
 
+def triton_ptxas(arch: int = 90) -> str | None:
+    """The ptxas that triton.compile runs for sm_<arch>: the PTX it emits carries the .version of
+    that ptxas's CUDA release, which an older ptxas rejects. Which one that is depends on the Triton
+    release (3.3-3.6: `ptxas` below sm_100, `ptxas-blackwell` from it; 3.7+: `ptxas-blackwell` from
+    sm_90) and on TRITON_PTXAS_PATH / TRITON_PTXAS_BLACKWELL_PATH (torch's inductor points the
+    former at the ptxas of torch's CUDA wheels, e.g. CUDA 13.0 with torch 2.11+cu130)."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+        tool = get_ptxas(arch)
+    except Exception:  # not a Triton with the NVIDIA backend's get_ptxas, or no ptxas found
+        return None
+    return tool[0] if isinstance(tool, tuple) else getattr(tool, "path", None)  # 3.3: (path, version)
+
+
+def _ptxas_candidates(arch: int) -> list[str]:
+    """Triton's own ptxas for the arch first, then the others it ships, then the one on PATH."""
+    paths = [triton_ptxas(arch), _tool("ptxas-blackwell" if arch >= 90 else "ptxas"), _tool("ptxas"),
+             _tool("ptxas-blackwell")]
+    return list(dict.fromkeys(p for p in paths if p))
+
+
+def _cuobjdump_candidates(arch: int = 90) -> list[str]:
+    """cuobjdump of the ptxas's CUDA release first (a newer cubin than the bundled tool knows)."""
+    ptxas = triton_ptxas(arch)
+    paths = [os.environ.get("TRITON_CUOBJDUMP_PATH"),
+             os.path.join(os.path.dirname(ptxas), "cuobjdump") if ptxas else None, _tool("cuobjdump")]
+    return list(dict.fromkeys(p for p in paths if p and os.path.exists(p)))
+
+
+def toolchain_missing(arch: int = 90) -> str | None:
+    """Why static reports cannot be made here (no ptxas or cuobjdump), or None."""
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        return f"triton does not import: {e}"
+    missing = [name for name, found in (("ptxas", _ptxas_candidates(arch)), ("cuobjdump", _cuobjdump_candidates(arch)))
+               if not found]
+    return f"no {' or '.join(missing)} (the triton wheel ships them for the NVIDIA backend)" if missing else None
+
+
 def compile_spec(spec: KernelSpec, arch: int = 90):
     """triton.compile the spec for sm_<arch>; returns the CompiledKernel."""
     import triton
@@ -89,19 +129,16 @@ def ptxas_report(ptx: str, arch: int = 90) -> dict:
         ptx_path = os.path.join(tmp, "kernel.ptx")
         with open(ptx_path, "w") as f:
             f.write(ptx)
-        text, last_error = None, ""
-        for tool in ("ptxas", "ptxas-blackwell"):
-            exe = _tool(tool)
-            if exe is None:
-                continue
+        text, errors = None, []
+        for exe in _ptxas_candidates(arch):
             proc = subprocess.run([exe, "-v", f"--gpu-name={gpu}", ptx_path, "-o", os.path.join(tmp, "k.cubin")],
                                   capture_output=True, text=True)
             if proc.returncode == 0:
                 text = proc.stdout + proc.stderr
                 break
-            last_error = proc.stderr.strip()
+            errors.append(f"{exe}: {proc.stderr.strip()[-300:]}")
         if text is None:
-            raise RuntimeError(f"ptxas failed: {last_error}")
+            raise RuntimeError("ptxas failed: " + ("; ".join(errors) or "no ptxas found"))
     regs = re.search(r"Used (\d+) registers", text)
     smem = re.search(r"(\d+) bytes smem", text)
     spill_stores = re.search(r"(\d+) bytes spill stores", text)
@@ -116,19 +153,22 @@ def ptxas_report(ptx: str, arch: int = 90) -> dict:
     }
 
 
-def dump_sass(cubin: bytes) -> str | None:
+def dump_sass(cubin: bytes, arch: int = 90) -> str | None:
     """cuobjdump --dump-sass of the cubin, or None without cuobjdump."""
-    exe = _tool("cuobjdump")
-    if exe is None:
+    tools = _cuobjdump_candidates(arch)
+    if not tools:
         return None
+    errors = []
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "k.cubin")
         with open(path, "wb") as f:
             f.write(cubin)
-        proc = subprocess.run([exe, "--dump-sass", path], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"cuobjdump failed: {proc.stderr.strip()[-500:]}")
-    return proc.stdout
+        for exe in tools:
+            proc = subprocess.run([exe, "--dump-sass", path], capture_output=True, text=True)
+            if proc.returncode == 0:
+                return proc.stdout
+            errors.append(f"{exe}: {proc.stderr.strip()[-300:]}")
+    raise RuntimeError("cuobjdump failed: " + "; ".join(errors))
 
 
 def sass_tensor_core_counts(sass: str | None) -> dict:
@@ -229,7 +269,7 @@ def static_report(spec: KernelSpec, arch: int = 90) -> dict:
     report.update(ptxas_report(compiled.asm["ptx"], arch))
     metadata = compiled.metadata
     report["shared_mem"] = getattr(metadata, "shared", None) if not isinstance(metadata, dict) else metadata.get("shared")
-    sass = dump_sass(compiled.asm["cubin"])
+    sass = dump_sass(compiled.asm["cubin"], arch)
     report.update(sass_tensor_core_counts(sass))
     if sass is not None:
         profile = sass_instruction_profile(sass)

@@ -18,21 +18,14 @@ RECORD_FIELDS = {"kernel", "arch", "dtype", "kernel_size", "head_dim", "source",
 BASELINE_TOLERANCE = 1.02  # the proxy may grow by 2% before the test fails
 
 
-def _missing_toolchain() -> str | None:
-    try:
-        from sasa_triton._compile import _tool
-    except Exception as e:
-        return f"sasa_triton._compile does not import: {e}"
-    missing = [tool for tool in ("ptxas", "cuobjdump") if _tool(tool) is None]
-    return f"no {' or '.join(missing)} (the triton wheel ships them for the NVIDIA backend)" if missing else None
-
-
 @pytest.fixture(scope="module")
 def report():
     """One run at the baseline's shapes (bf16, k = 7, the four ResNet-50 stages, default configs;
     the stem kernels too), with TRITON_INTERPRET=1 still set in the environment
     (tests/conftest.py sets it without CUDA): the command must re-run itself without."""
-    why_not = _missing_toolchain()
+    from sasa_triton._compile import toolchain_missing
+
+    why_not = toolchain_missing()
     if why_not:
         pytest.skip(why_not)
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
