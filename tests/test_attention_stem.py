@@ -3,6 +3,11 @@ against the float64 reference, forward and every gradient, and the stem modules 
 
 Without CUDA the kernels run through Triton's interpreter (tests/conftest.py): shapes stay tiny.
 """
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -315,6 +320,37 @@ def test_old_state_dicts_load_and_give_the_same_output(device):
     assert sum(p.numel() for p in fused.parameters()) == sum(p.numel() for p in layer.parameters())
     x = torch.randn(1, 3, 8, 5)
     assert_close(fused(x.to(device)), layer.double()(x.double()), torch.float32, "y")
+
+
+SM90_SCRIPT = r"""
+import json, torch
+from sasa_triton.ops.attention_stem import static_specs
+from sasa_triton._compile import compile_spec, ptxas_report
+reports = []
+for window in ("block", "sliding"):
+    for spec in static_specs(dtype=torch.bfloat16, window=window):
+        reports.append(dict(ptxas_report(compile_spec(spec).asm["ptx"]), kernel=spec.name))
+print(json.dumps(reports))
+"""
+
+
+def test_kernels_compile_for_sm90_without_spills():
+    """The interpreter does not run Triton's compiler: compile the three kernels at their default
+    tiles for an H100 (the paper's stem: bf16, 3 -> 64 channels, 4 heads, 4x4) and read ptxas."""
+    from sasa_triton._compile import toolchain_missing
+
+    why_not = toolchain_missing()
+    if why_not:
+        pytest.skip(why_not)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    proc = subprocess.run([sys.executable, "-c", SM90_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    reports = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(reports) == 6
+    for r in reports:
+        assert r["registers"] is not None and r["registers"] <= 255, r
+        assert r["spill_stores"] == 0 and r["spill_loads"] == 0, r
 
 
 # --------------------------------------------------------------------------------------------

@@ -29,9 +29,6 @@ from .._library import autocast_inputs, define_op, launchable
 from .._utils import check_kernel_dtype, dot_precision, interpreter_enabled, resolve_backend
 from ..reference.attention_stem import MAX_IN_CHANNELS, check_attention_stem_args
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
-
 
 @triton.jit
 def _tile_pixels(tile, H, W, n_tiles_h, n_tiles_w, TILE_H: tl.constexpr, TILE_W: tl.constexpr):
@@ -121,7 +118,7 @@ def _stem_fwd_kernel(
     for head in range(heads):
         qk, w = _head_tables(QK, WEFF, head, heads * D, C_IN, D, BS, TPAD, CPAD, BLOCK_D)
         u = tl.sum(x_q[:, None, :] * qk[None, :, :], axis=2)               # QK^h x_i
-        logits = tl.sum(u[:, None, :] * x_taps, axis=2) * LOG2E            # (BLOCK_M, TPAD), log2 units
+        logits = tl.sum(u[:, None, :] * x_taps, axis=2) * 1.4426950408889634            # (BLOCK_M, TPAD), log2 units
         logits = tl.where(tap_ok, logits, float("-inf"))
         m = tl.max(logits, axis=1)
         m = tl.where(m == float("-inf"), 0.0, m)  # pixels outside the image: no tap at all
@@ -166,8 +163,8 @@ def _stem_bwd_kernel(
         for head in range(heads):
             qk, w = _head_tables(QK, WEFF, head, heads * D, C_IN, D, BS, TPAD, CPAD, BLOCK_D)
             u = tl.sum(x_q[:, None, :] * qk[None, :, :], axis=2)
-            logits = tl.sum(u[:, None, :] * x_taps, axis=2) * LOG2E
-            lse2 = tl.load(lse_ptrs + head * H * W, mask=q_in, other=0.0) * LOG2E
+            logits = tl.sum(u[:, None, :] * x_taps, axis=2) * 1.4426950408889634
+            lse2 = tl.load(lse_ptrs + head * H * W, mask=q_in, other=0.0) * 1.4426950408889634
             p = tl.where(tap_ok, tl.exp2(logits - lse2[:, None]), 0.0)       # (BLOCK_M, TPAD)
             dy = tl.load(dy_ptrs + head * stride_dyn, mask=dy_mask, other=0.0).to(tl.float32)
             # dz[i, t, c] = (W_eff(t)^hT dy_i)[c]: the gradient of P_it x_t[c].
@@ -230,16 +227,21 @@ def _stem_dx_kernel(
 # Launch configs and launchers
 # ----------------------------------------------------------------------------------------------
 
-# At most this many programs in the backward (each owns one row of the partial-sum buffers).
+# The backward's programs each own one row of the partial-sum buffers (heads * BLOCK_D * TPAD * CPAD
+# fp32: 16 KB for the paper's stem): at most MAX_BWD_PROGRAMS of them, and at least
+# MIN_TILES_PER_PROGRAM tiles each, so that row costs at most ~128 B per pixel.
 MAX_BWD_PROGRAMS = 1024
+MIN_TILES_PER_PROGRAM = 8
 
 
 def default_config(kernel: str, block_size: int) -> dict:
     """Tiles of `kernel` ("fwd", "bwd", "dx"): TILE_H x TILE_W query pixels (TILE_H a multiple of
     the block for block_size <= 4, so a tile is whole block rows), num_warps 4; small enough for the
-    (pixels, taps, channels) tiles to stay in registers."""
+    (pixels, taps, channels) tiles to stay in registers. sm_90, 3 -> 64 channels, 4 heads, 4x4
+    blocks (ptxas -v): fwd 4x16 96-140 registers, bwd 4x4 160-168 in bf16 and 225-230 in fp32
+    (ieee dots; 4x8 would take 245-255), dx 4x8 40-48; no spills."""
     tile_h = 4 if block_size <= 4 else 2
-    tile_w = {"fwd": 16, "bwd": 8, "dx": 32}[kernel]
+    tile_w = {"fwd": 16, "bwd": 4, "dx": 8}[kernel]
     return dict(TILE_H=tile_h, TILE_W=tile_w, num_warps=4, num_stages=1)
 
 
@@ -273,7 +275,8 @@ def _fwd_launch(x, qk, w_eff, y, lse, heads, block_size, window, padding, config
 
 def _bwd_programs(x, meta, config):
     n_tiles = _tiles(x, meta)[2]
-    tiles_per_program = config.get("TILES_PER_PROGRAM") or triton.cdiv(n_tiles, MAX_BWD_PROGRAMS)
+    tiles_per_program = config.get("TILES_PER_PROGRAM") or max(MIN_TILES_PER_PROGRAM,
+                                                               triton.cdiv(n_tiles, MAX_BWD_PROGRAMS))
     return tiles_per_program, triton.cdiv(n_tiles, tiles_per_program)
 
 
