@@ -448,27 +448,38 @@ def default_config(kernel: str, kernel_size: int, dilation: int, head_dim: int, 
 
 
 def config_space(kernel, kernel_size, dilation, head_dim, dtype, height_bucket, width_bucket):
-    """The autotuner's candidates (the default among them): query (or key) tiles of 16-64 pixels
-    no taller or wider than the image needs, steps of 16-256 strip pixels (no more than the strip
-    has), 1-4 warps (no more than one per 16 tile rows of a tensor-core dot, but fp32's FMA dots
-    may split further), 1-2 pipeline stages."""
+    """The autotuner's candidates, the default among them (about 10-20 per key, so tuning a key
+    takes seconds): tiles of 16-32 pixels (2 x 8, 4 x 8, 2 x 16; no wider than the image needs),
+    steps of the default's strip pixels and twice that, 1-2 warps for 16-bit inputs (2-4 for
+    fp32's FMA dots), 1-2 pipeline stages where a 16-bit kernel takes several steps.
+
+    No 16-bit candidate has 4 warps: on an H200 with Triton 3.6 (2026-11-29) the backward kernels
+    at num_warps 4 on 64-128-pixel tiles (the shapes Triton lowers to Hopper's warpgroup MMA)
+    returned non-finite dq, dk off by up to 3e-2 relative RMS, or faulted (illegal memory
+    access), as the previous kernels' 4- and 8-warp tiles did on an H100 (issue 11).
+    """
     radius = dilation * (kernel_size // 2)
-    for block_h, block_w in ((1, 16), (2, 8), (2, 16), (4, 8), (4, 16), (8, 8)):
-        if block_w > 2 * max(width_bucket, 8) or (block_h > height_bucket and block_h > 2):
+    default = default_config(kernel, kernel_size, dilation, head_dim, dtype)
+    seen = set()
+    for block_h, block_w in ((2, 8), (4, 8), (2, 16)):
+        if block_w > 8 and width_bucket <= 8 or block_h > 2 and height_bucket <= 2:
             continue
         halo_w = halo_width(block_w, kernel_size, dilation)
         halo_rows = block_h + 2 * radius
-        tile = block_h * block_w
-        step_rows = 1
-        while step_rows <= tuning.next_power_of_2(halo_rows):
-            pixels = step_rows * halo_w
-            if 16 <= pixels <= 256 and tile * pixels <= 64 * 128:
-                warps = (1, 2, 4) if dtype == torch.float32 else tuple(w for w in (1, 2, 4) if 16 * w <= tile)
-                for num_warps in warps:
-                    for num_stages in ((1, 2) if step_rows < halo_rows else (1,)):
-                        yield {"BLOCK_H": block_h, "BLOCK_W": block_w, "STEP_ROWS": step_rows,
-                               "num_warps": num_warps, "num_stages": num_stages}
-            step_rows *= 2
+        default_pixels = default["STEP_ROWS"] * halo_width(default["BLOCK_W"], kernel_size, dilation)
+        for pixels in (default_pixels, default_pixels * 2):
+            step_rows = min(max(1, pixels // halo_w), tuning.next_power_of_2(halo_rows))
+            if step_rows * halo_w < 16:
+                continue
+            warps = (2, 4) if dtype == torch.float32 else ((1, 2) if block_h * block_w >= 32 else (1,))
+            for num_warps in warps:
+                for num_stages in ((1, 2) if step_rows < halo_rows and dtype != torch.float32 else (1,)):
+                    config = {"BLOCK_H": block_h, "BLOCK_W": block_w, "STEP_ROWS": step_rows,
+                              "num_warps": num_warps, "num_stages": num_stages}
+                    key = tuple(config.values())
+                    if key not in seen:
+                        seen.add(key)
+                        yield config
 
 
 def _meta(q, kernel_size, dilation, padding, rel_rows, config):
