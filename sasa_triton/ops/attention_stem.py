@@ -175,12 +175,20 @@ def _stem_bwd_kernel(
             gx += p[:, :, None] * dz + ds[:, :, None] * u[:, None, :]
             key_sum = tl.sum(ds[:, :, None] * x_taps, axis=1)                 # sum_t ds_it x_t
             dx_q += tl.sum(key_sum[:, :, None] * qk[None, :, :], axis=1)
+            dqk = tl.sum(key_sum[:, :, None] * x_q[:, None, :], axis=0)
+            dw = tl.dot(tl.trans(dy), tl.reshape(p[:, :, None] * x_taps, (BLOCK_M, KPAD)),
+                        input_precision=DOT_PRECISION)
+            # Add to the program's own partial rows. Threads may hold copies of one element: the
+            # barriers order every read of the row before any write, and the writes before the next read.
             part = (pid * heads + head).to(tl.int64)
             dqk_ptrs = DQK_PART + part * CPAD * CPAD + offs_c[:, None] * CPAD + offs_c[None, :]
-            tl.store(dqk_ptrs, tl.load(dqk_ptrs) + tl.sum(key_sum[:, :, None] * x_q[:, None, :], axis=0))
-            z = tl.reshape(p[:, :, None] * x_taps, (BLOCK_M, KPAD))
             dw_ptrs = DW_PART + part * BLOCK_D * KPAD + offs_d[:, None] * KPAD + offs_k[None, :]
-            tl.store(dw_ptrs, tl.load(dw_ptrs) + tl.dot(tl.trans(dy), z, input_precision=DOT_PRECISION))
+            dqk += tl.load(dqk_ptrs)
+            dw += tl.load(dw_ptrs)
+            tl.debug_barrier()
+            tl.store(dqk_ptrs, dqk)
+            tl.store(dw_ptrs, dw)
+            tl.debug_barrier()
         # The query is one of its own taps: its gradient through q travels with that tap's gx.
         if WINDOW == 0:
             self_tap = (row % BS) * BS + col % BS
@@ -238,7 +246,7 @@ def default_config(kernel: str, block_size: int) -> dict:
     """Tiles of `kernel` ("fwd", "bwd", "dx"): TILE_H x TILE_W query pixels (TILE_H a multiple of
     the block for block_size <= 4, so a tile is whole block rows), num_warps 4; small enough for the
     (pixels, taps, channels) tiles to stay in registers. sm_90, 3 -> 64 channels, 4 heads, 4x4
-    blocks (ptxas -v): fwd 4x16 96-140 registers, bwd 4x4 160-168 in bf16 and 225-230 in fp32
+    blocks (ptxas -v): fwd 4x16 96-140 registers, bwd 4x4 164-168 in bf16 and 248-252 in fp32
     (ieee dots; 4x8 would take 245-255), dx 4x8 40-48; no spills."""
     tile_h = 4 if block_size <= 4 else 2
     tile_w = {"fwd": 16, "bwd": 4, "dx": 8}[kernel]
