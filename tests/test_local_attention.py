@@ -166,10 +166,11 @@ def _extended_default_cases():
     for index, (k, dilation, D, dtype) in enumerate(
             (k, d, D, dt) for k in (3, 7, 11, 15) for d in (1, 2) for D in (8, 16, 64, 72)
             for dt in (torch.float32, torch.float16)):
-        padding, rel = rotation[index % len(rotation)]
+        padding, rel = rotation[(index // 2 + index % 2 + index // 8) % len(rotation)]  # each dtype and D sees all
         radius = dilation * (k // 2)
         H, W = (9, 10) if radius <= 4 else (5, 18)  # two 8x8 tiles each way, or two 4x16
-        cases.append(case(1, H, W, 1 + index % 2, D, k, dilation, padding, rel, dtype))
+        heads = 2 if rel == "per_head" else 1
+        cases.append(case(1, H, W, heads, D, k, dilation, padding, rel, dtype))
     return cases
 
 
