@@ -462,7 +462,8 @@ def write_instruction_baseline(records: list[dict], path: str) -> dict:
                      f"{BASELINE_DTYPE}, k = {BASELINE_KERNEL_SIZE}, the ResNet-50 stages (batch 32, 8 heads), "
                      "compiled for sm_90, per Triton major.minor. tests/test_inspect.py fails when one grows by more "
                      "than 2%. Rewrite after a kernel improves: python -m sasa_triton.inspect "
-                     "--write-instruction-baseline")
+                     "--write-instruction-baseline, run by the Python of each Triton listed (e.g. a venv with "
+                     "--system-site-packages and pip install triton==3.6.0; the entry of another Triton is kept)")
     values = {instruction_baseline_key(r): round(r["warp_instructions_per_pixel_head"], 2) for r in records
               if r["source"] == "default" and r["kernel"] in LOCAL_KERNELS and not r.get("error")}
     if len(values) != len(LOCAL_KERNELS) * len(PAPER_STAGE):
