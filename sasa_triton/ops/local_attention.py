@@ -594,9 +594,9 @@ def _bwd(q, k, v, rel_rows, rel_cols, y, lse, dy, kernel_size, dilation, scale, 
     B, H, W, heads, D = q.shape
     if grads is None:  # one allocation; the custom op (whose outputs may not alias) passes three
         grads = torch.empty((3, *q.shape), device=q.device, dtype=q.dtype).unbind(0)
-    dq, dk, dv = grads
-    if not all(g.is_contiguous() for g in grads):
+    elif not all(g.is_contiguous() for g in grads):
         raise ValueError("grads must be contiguous (the kernels write them as such)")
+    dq, dk, dv = grads
     has_rel = rel_rows is not None
     if q.numel() == 0:
         zero = lambda t: None if t is None else torch.zeros_like(t)
@@ -619,11 +619,10 @@ def _bwd(q, k, v, rel_rows, rel_cols, y, lse, dy, kernel_size, dilation, scale, 
         return dq, dk, dv, None, None
     # (B, heads, tiles, k, D) -> (k, D) or (heads, k, D): a deterministic sum over batch and tiles.
     if rel_rows.dim() == 2:
-        total = drel.view(-1, kernel_size, D).sum(0)
+        total = drel.sum(0)
     else:
         total = drel.view(B, heads, -1, kernel_size, D).sum(dim=(0, 2))
-    d_rows = D // 2
-    drel_rows, drel_cols = total[..., :d_rows], total[..., d_rows:]
+    drel_rows, drel_cols = total.split_with_sizes((D // 2, D - D // 2), -1)
     if rel_rows.dtype != torch.float32:
         drel_rows, drel_cols = drel_rows.to(rel_rows.dtype), drel_cols.to(rel_cols.dtype)
     return dq, dk, dv, drel_rows, drel_cols
