@@ -253,16 +253,23 @@ def default_config(kernel: str, block_size: int) -> dict:
     return dict(TILE_H=tile_h, TILE_W=tile_w, num_warps=4, num_stages=1)
 
 
-def _meta(x, heads, block_size, window, padding, config):
-    C_in = x.shape[1]
-    T = block_size * block_size
-    tpad = triton.next_power_of_2(T)
-    cpad = max(triton.next_power_of_2(C_in), 16 // min(tpad, 16))  # tl.dot depth TPAD * CPAD >= 16
+def _meta(x, block_size, window, config):
+    """Constexprs shared by the three kernels; CPAD is widened so that the dots' depth TPAD * CPAD
+    is at least 16 (tl.dot)."""
+    tpad = triton.next_power_of_2(block_size * block_size)
+    cpad = max(triton.next_power_of_2(x.shape[1]), 16 // min(tpad, 16))
     if config["TILE_H"] * config["TILE_W"] < 16:
         raise ValueError(f"TILE_H * TILE_W must be >= 16 (tl.dot), got config {config}")
-    return dict(C_IN=C_in, BS=block_size, WINDOW=int(window == "sliding"), TILE_H=config["TILE_H"],
+    return dict(C_IN=x.shape[1], BS=block_size, WINDOW=int(window == "sliding"), TILE_H=config["TILE_H"],
                 TILE_W=config["TILE_W"], TPAD=tpad, CPAD=cpad, num_warps=config["num_warps"],
                 num_stages=config["num_stages"])
+
+
+def _attention_meta(x, w_eff, heads, block_size, window, padding, config):
+    """_meta plus the constexprs of the kernels that attend (fwd, bwd)."""
+    D = w_eff.shape[2] // heads
+    return dict(_meta(x, block_size, window, config), D=D, MASK_PADDING=int(padding == "mask"),
+                DOT_PRECISION=dot_precision(x.dtype), BLOCK_D=max(16, triton.next_power_of_2(D)))
 
 
 def _tiles(x, meta):
@@ -272,10 +279,7 @@ def _tiles(x, meta):
 
 
 def _fwd_launch(x, qk, w_eff, y, lse, heads, block_size, window, padding, config):
-    meta = _meta(x, heads, block_size, window, padding, config)
-    D = w_eff.shape[2] // heads
-    meta.update(D=D, MASK_PADDING=int(padding == "mask"), DOT_PRECISION=dot_precision(x.dtype),
-                BLOCK_D=max(16, triton.next_power_of_2(D)))
+    meta = _attention_meta(x, w_eff, heads, block_size, window, padding, config)
     n_tiles_h, n_tiles_w, n_tiles = _tiles(x, meta)
     args = (x, qk, w_eff, y, lse, *x.stride(), *y.stride(), x.shape[2], x.shape[3], heads, n_tiles_h, n_tiles_w)
     return (n_tiles,), args, meta
@@ -289,11 +293,9 @@ def _bwd_programs(x, meta, config):
 
 
 def _bwd_launch(x, qk, w_eff, lse, dy, gx, dqk_part, dw_part, heads, block_size, window, padding, config):
-    meta = _meta(x, heads, block_size, window, padding, config)
-    D = w_eff.shape[2] // heads
+    meta = _attention_meta(x, w_eff, heads, block_size, window, padding, config)
     tiles_per_program, n_programs = _bwd_programs(x, meta, config)
-    meta.update(D=D, MASK_PADDING=int(padding == "mask"), DOT_PRECISION=dot_precision(x.dtype),
-                BLOCK_D=max(16, triton.next_power_of_2(D)), TILES_PER_PROGRAM=tiles_per_program)
+    meta.update(TILES_PER_PROGRAM=tiles_per_program)
     n_tiles_h, n_tiles_w, n_tiles = _tiles(x, meta)
     args = (x, qk, w_eff, lse, dy, gx, dqk_part, dw_part, *x.stride(), *dy.stride(), x.shape[2], x.shape[3],
             heads, n_tiles_h, n_tiles_w, n_tiles)
@@ -303,7 +305,7 @@ def _bwd_launch(x, qk, w_eff, lse, dy, gx, dqk_part, dw_part, heads, block_size,
 def _partial_buffers(x, heads, D, block_size, config, fake=False):
     """Zeroed per-program partial sums: dQK (programs, heads, CPAD, CPAD), dW_eff (programs, heads,
     BLOCK_D, TPAD * CPAD), fp32."""
-    meta = _meta(x, heads, block_size, "block", "zeros", config)
+    meta = _meta(x, block_size, "block", config)
     n_programs = _bwd_programs(x, meta, config)[1]
     cpad, kpad = meta["CPAD"], meta["TPAD"] * meta["CPAD"]
     alloc = torch.empty if fake else torch.zeros
@@ -313,9 +315,8 @@ def _partial_buffers(x, heads, D, block_size, config, fake=False):
 
 
 def _dx_launch(x, gx, dx, block_size, window, config):
-    meta = _meta(x, 1, block_size, window, "zeros", config)
-    meta.pop("TPAD"), meta.pop("CPAD")
-    meta.update(TPAD=triton.next_power_of_2(block_size * block_size), CPAD=triton.next_power_of_2(x.shape[1]))
+    meta = _meta(x, block_size, window, config)
+    meta["CPAD"] = triton.next_power_of_2(x.shape[1])  # no dot here
     n_tiles_h, n_tiles_w, n_tiles = _tiles(x, meta)
     args = (gx, dx, *dx.stride(), x.shape[2], x.shape[3], n_tiles_h, n_tiles_w)
     return (n_tiles,), args, meta
