@@ -210,6 +210,18 @@ def test_saved_tensors_are_x_the_weights_and_lse(device):
     out.sum().backward()
 
 
+def test_output_gradient_of_any_strides(device):
+    """y.sum() hands the backward a stride-0 (expanded) dy: read as it is, no copy needed."""
+    inputs = make_inputs(1, 3, 5, 6, 8, 2, 2, torch.float32, seed=13)
+    leaves = [t.float().to(device).requires_grad_(True) for t in inputs[:4]]
+    mix = mixture(*inputs[4:]).float().to(device)
+    sasa_triton.attention_stem2d(*leaves, mix, heads=2, block_size=2, backend="triton").sum().backward()
+    reference_leaves = [t.clone().requires_grad_(True) for t in inputs[:4]]
+    reference(*reference_leaves, mixture(*inputs[4:]), heads=2, block_size=2).sum().backward()
+    for name, leaf, expected in zip(GRAD_NAMES, leaves, reference_leaves):
+        assert_close(leaf.grad, expected.grad, torch.float32, name)
+
+
 def test_empty_batch(device):
     x = torch.randn(0, 3, 5, 5, device=device, requires_grad=True)
     w = torch.randn(8, 3, device=device, requires_grad=True)

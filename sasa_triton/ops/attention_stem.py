@@ -404,7 +404,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy, _dlse):
     x, qk, w_eff, lse = ctx.saved_tensors
-    dx, dqk, dw_eff = _attention_stem2d_bwd(x, qk, w_eff, lse, dy.contiguous(), *ctx.args)
+    dx, dqk, dw_eff = _attention_stem2d_bwd(x, qk, w_eff, lse, dy, *ctx.args)  # any strides
     return dx, dqk, dw_eff, None, None, None, None
 
 
