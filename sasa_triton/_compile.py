@@ -4,8 +4,9 @@
 H100 without a GPU; the ptxas Triton compiled with (`-v`, see `triton_ptxas`) reports registers,
 spills and shared memory, and cuobjdump's SASS shows whether tensor-core instructions (HGMMA on sm_90,
 HMMA on sm_80+) are there and how many instructions the main loop and the rest of the kernel
-hold (the instruction-count proxy of sasa_triton.inspect). Needs compiled (not interpreted) kernels: with TRITON_INTERPRET=1 the
-@triton.jit functions are interpreter objects, so callers run this in a subprocess without it.
+hold (the instruction-count proxy of sasa_triton.inspect). Needs compiled (not interpreted)
+kernels: with TRITON_INTERPRET=1 the @triton.jit functions are interpreter objects, so callers
+run this in a subprocess without it.
 """
 from __future__ import annotations
 

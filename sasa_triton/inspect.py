@@ -89,7 +89,8 @@ def local_cost(kernel: str, kernel_size: int, head_dim: int, elt: int, config: d
     local_bwd_dkdv: recomputes q.k and q.rel, dv = p^T dy, dp = v.dy, dk = ds^T q: 8k^2 D + 2kD;
       reads q, k, v, dy, lse, delta, writes dk, dv.
     Executed MMA FLOPs: a program's dots pair each of its queries with every key of the haloed
-    strip, (BLOCK_H + 2r) rows of KEY_W (BLOCK_W + 2r padded to a power of two) columns, in
+    strip, (BLOCK_H + 2r) rows (rounded up to a multiple of STEP_ROWS, the rows per step) of HALO_W
+    (BLOCK_W + 2r padded to a power of two) columns, in
     BLOCK_D-wide (D padded) products: 2 dots (fwd), 3 (dq) or 4 (dk/dv) of 2 * pairs * BLOCK_D.
     """
     from .tuning import halo_width, next_power_of_2
@@ -99,7 +100,9 @@ def local_cost(kernel: str, kernel_size: int, head_dim: int, elt: int, config: d
     block_h, block_w = config.get("BLOCK_H", 1), config.get("BLOCK_W", 1)
     halo = halo_width(block_w, k, 1)
     d_pad = max(16, next_power_of_2(D))
-    keys_per_query = (block_h + 2 * radius) * halo  # (query, key) pairs each query's dots cover
+    step_rows = config.get("STEP_ROWS", 1)  # key rows per dot: the walk pads the haloed rows to a multiple
+    key_rows = -(-(block_h + 2 * radius) // step_rows) * step_rows
+    keys_per_query = key_rows * halo  # (query, key) pairs each query's dots cover
     if kernel == "local_fwd":
         flops, dots = 4 * k * k * D + 2 * k * D, 2
         nbytes = 4 * D * elt + 4
@@ -330,7 +333,8 @@ def format_table(records: list[dict], header: str) -> str:
             str(r["registers"]), f"{r['spill_stores']}/{r['spill_loads']}", str(r["shared_mem"]),
             "yes" if r.get("HGMMA") else ("no" if r.get("HGMMA") == 0 else "?"),
             "yes" if r.get("HMMA") else ("no" if r.get("HMMA") == 0 else "?"),
-            sass, "-" if per_pixel is None else f"{per_pixel:.1f}", str(r["flops_per_pixel"]), str(r["bytes_per_pixel"]), f"{r['intensity']:.1f}", use, r["shape"],
+            sass, "-" if per_pixel is None else f"{per_pixel:.1f}", str(r["flops_per_pixel"]),
+            str(r["bytes_per_pixel"]), f"{r['intensity']:.1f}", use, r["shape"],
             f"{r['t_mem_us']:.1f}", f"{r['t_roofline_us']:.1f}",
         ])
     widths = [max(len(row[i]) for row in table if i < len(row)) for i in range(len(columns))]
@@ -511,7 +515,8 @@ def parse_args(argv=None, prog=None) -> argparse.Namespace:
                         "output), whatever GPU they were tuned on")
     p.add_argument("--config", type=parse_config, action="append", default=[], metavar="KERNEL=JSON",
                    help="also compile a local kernel at this config, e.g. "
-                        "'local_fwd={\"BLOCK_H\": 2, \"BLOCK_W\": 16, \"num_warps\": 1, \"num_stages\": 1}' (repeatable)")
+                        "'local_fwd={\"BLOCK_H\": 2, \"BLOCK_W\": 16, \"num_warps\": 1, \"num_stages\": 1}' "
+                        "(repeatable)")
     p.add_argument("--write-instruction-baseline", nargs="?", const=INSTRUCTION_BASELINE, default=None,
                    metavar="PATH", help="compile the local kernels at the baseline shapes (bf16, k = 7, the ResNet-50 "
                                         "stages, default configs) and store their warp-instructions per (pixel, head) "
@@ -586,8 +591,8 @@ def main(argv=None, prog=None) -> int:
                   f"{r['warp_instructions_per_pixel_head']:8.1f} warp-instructions per (pixel, head)")
         print(f"wrote {args.write_instruction_baseline} (triton {triton.__version__})", file=sys.stderr)
         return 0
-    mismatched = [r for r in records if r.get("loop_trips") is not None and (r.get("ttgir_loop_trips") or r["sass_loops"])
-                  and r["ttgir_loop_trips"] != [r["loop_trips"]]]
+    mismatched = [r for r in records if r.get("loop_trips") is not None
+                  and (r.get("ttgir_loop_trips") or r["sass_loops"]) and r["ttgir_loop_trips"] != [r["loop_trips"]]]
     for r in mismatched:
         notes.append(f"{r['kernel']} {_config_text(r['config'])}: loop trips {r['loop_trips']} from the launch meta, "
                      f"but the compiled TTGIR's outermost loops run {r['ttgir_loop_trips']}: the instruction count "
