@@ -10,6 +10,6 @@ from .stem import AttentionStem, SpatialAttention2d
 __version__ = "0.1.0"
 
 __all__ = [
-    "local_attention2d", "spatial_attention2d", "SelfAttention2d", "SpatialAttention2d", "AttentionStem",
+    "local_attention2d", "spatial_attention2d", "attention_stem2d", "SelfAttention2d", "SpatialAttention2d", "AttentionStem",
     "models", "reference", "__version__",
 ]

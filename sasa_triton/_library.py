@@ -36,22 +36,6 @@ def launchable(kernel):
     return _wrap_triton(kernel) if _USE_TRITON_OP else kernel
 
 
-def is_fake(t: torch.Tensor) -> bool:
-    """True for fake/meta tensors (tracing): nothing can be launched or timed on them."""
-    if t.device.type == "meta":
-        return True
-    from torch._subclasses.fake_tensor import FakeTensor
-    if isinstance(t, FakeTensor):
-        return True
-    try:
-        from torch._subclasses.functional_tensor import FunctionalTensor
-        if isinstance(t, FunctionalTensor):
-            return True
-    except ImportError:  # pragma: no cover - older torch
-        pass
-    return torch._guards.detect_fake_mode((t,)) is not None
-
-
 def attention_outputs(q: torch.Tensor, y=None, lse=None):
     """The forward outputs of an attention op with queries q (B, H, W, heads, D): y, contiguous
     like q, and one fp32 log-sum-exp per (pixel, head) as (B, heads, H, W). Given buffers (the

@@ -257,14 +257,15 @@ def test_empty_batch(device):
     assert mix.grad is not None and torch.all(mix.grad == 0)
 
 
-def test_backend_selection_on_cpu(monkeypatch):
+def test_backend_selection_on_cpu(monkeypatch, device):
     q = torch.randn(1, 4, 4, 1, 4, dtype=torch.float64)
     values = torch.randn(1, 4, 4, 2, 1, 4, dtype=torch.float64)
     mix = torch.full((2, 2, 2), 0.5, dtype=torch.float64)
     out = sasa_triton.spatial_attention2d(q, q, values, mix, block_size=2, backend="reference")
     assert out.dtype == torch.float64
-    with pytest.raises(TypeError, match="float64"):  # the kernels do not take float64
-        sasa_triton.spatial_attention2d(q, q, values, mix, block_size=2, backend="triton")
+    with pytest.raises(TypeError, match="float64"):  # the kernels do not take float64 (where they run)
+        sasa_triton.spatial_attention2d(q.to(device), q.to(device), values.to(device), mix.to(device),
+                                        block_size=2, backend="triton")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     # auto on CPU without the interpreter: the reference.
     out = sasa_triton.spatial_attention2d(q.float(), q.float(), values.float(), mix.float(), block_size=2)

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from .. import tuning
-from .._library import attention_outputs, autocast_inputs, define_op, is_fake, launchable
+from .._library import attention_outputs, autocast_inputs, define_op, launchable
 from .._utils import (check_kernel_dtype, check_spatial_attention_args, dot_precision, interpreter_enabled,
                       resolve_backend)
 
@@ -481,12 +481,10 @@ def _spatial_bwd_dkdv_kernel(
 
 def _config(kernel, q, block_size, window, run=None):
     """The launch config of `kernel` ("fwd", "bwd_dq", "bwd_dkdv") under the tuning name
-    f"spatial_{window}_{kernel}" (kernel_size = block_size, dilation = 1); `run(config)` launches
-    the kernel once on the real arguments, for an autotuner to time candidates with."""
+    f"spatial_{window}_{kernel}" (kernel_size = block_size, dilation = 1): a lookup (nothing is
+    tuned in the user's process; `run` is accepted for the tuner's callers and ignored)."""
     B, H, W, heads, D = q.shape
-    if is_fake(q):  # tracing under torch.compile: nothing to time, the config is fixed at trace time
-        run = None
-    return tuning.get_config(f"spatial_{window}_{kernel}", block_size, 1, D, q.dtype, H, W, run=run)
+    return tuning.get_config(f"spatial_{window}_{kernel}", block_size, 1, D, q.dtype, H, W)
 
 
 def _meta(q, M, block_size, window, padding, config):
