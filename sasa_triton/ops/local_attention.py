@@ -101,7 +101,23 @@ def _rel_logits(x, REL_ROWS, REL_COLS, head, D: tl.constexpr, D_ROWS: tl.constex
 
 
 @triton.jit
-def _window_bias(table, offset, allowed, HAS_REL: tl.constexpr, KSIZE: tl.constexpr, DILATION: tl.constexpr):
+def _take(table, index, WIDTH: tl.constexpr, SELECT_GATHER: tl.constexpr):
+    """out[p, j] = table[p, index[p, j]] for index in [0, WIDTH). tl.gather, or with SELECT_GATHER
+    a static where-chain over the WIDTH columns: Triton 3.3-3.6 abort compiling tl.gather on a
+    layout spread over several warps (TritonGPUOptimizeThreadLocality, seen at num_warps 2-4)."""
+    if SELECT_GATHER:
+        offs = tl.arange(0, table.shape[1])
+        out = tl.zeros(index.shape, dtype=tl.float32)
+        for t in tl.static_range(WIDTH):
+            column = tl.sum(tl.where(offs[None, :] == t, table, 0.0), axis=1)
+            out = tl.where(index == t, column[:, None], out)
+        return out
+    return tl.gather(table, index, axis=1)
+
+
+@triton.jit
+def _window_bias(table, offset, allowed, HAS_REL: tl.constexpr, KSIZE: tl.constexpr, DILATION: tl.constexpr,
+                 SELECT_GATHER: tl.constexpr):
     """bias[p, j] = table[p, offset[p, j] / DILATION] where the offset (key position - query
     position + radius, along one axis) is a window tap and `allowed`, else -inf."""
     RADIUS: tl.constexpr = DILATION * (KSIZE // 2)
@@ -110,19 +126,19 @@ def _window_bias(table, offset, allowed, HAS_REL: tl.constexpr, KSIZE: tl.conste
         ok = ok & (offset % DILATION == 0)
     if HAS_REL:
         index = tl.where(ok, offset // DILATION, 0)
-        return tl.where(ok, tl.gather(table, index, axis=1), float("-inf"))
+        return tl.where(ok, _take(table, index, KSIZE, SELECT_GATHER), float("-inf"))
     return tl.where(ok, 0.0, float("-inf"))
 
 
 @triton.jit
 def _window_taps(values, first, position, STEP: tl.constexpr, KSIZE: tl.constexpr, DILATION: tl.constexpr,
-                 KPAD: tl.constexpr):
+                 KPAD: tl.constexpr, SELECT_GATHER: tl.constexpr):
     """out[p, t] = values[p, t * DILATION + position[p] - first] (0 where that is outside [0, STEP)
     or t >= KSIZE): the per-tap sums of one step's dlogits, the mirror of _window_bias."""
     offs_t = tl.arange(0, KPAD)
     index = offs_t[None, :] * DILATION + position[:, None] - first
     ok = (offs_t[None, :] < KSIZE) & (index >= 0) & (index < STEP)
-    return tl.where(ok, tl.gather(values, tl.where(ok, index, 0), axis=1), 0.0)
+    return tl.where(ok, _take(values, tl.where(ok, index, 0), STEP, SELECT_GATHER), 0.0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -137,7 +153,7 @@ def _local_attn_fwd_kernel(
     D: tl.constexpr, D_ROWS: tl.constexpr, KSIZE: tl.constexpr, DILATION: tl.constexpr,
     HAS_REL: tl.constexpr, REL_PER_HEAD: tl.constexpr, MASK_PADDING: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, HALO_W: tl.constexpr,
-    STEP_ROWS: tl.constexpr, KPAD: tl.constexpr, BLOCK_D: tl.constexpr,
+    STEP_ROWS: tl.constexpr, KPAD: tl.constexpr, BLOCK_D: tl.constexpr, SELECT_GATHER: tl.constexpr,
 ):
     RADIUS: tl.constexpr = DILATION * (KSIZE // 2)
     HALO_ROWS: tl.constexpr = BLOCK_H + 2 * RADIUS
@@ -160,7 +176,7 @@ def _local_attn_fwd_kernel(
     col_in = (key_col >= 0) & (key_col < W)
     col_allowed = col_in[None, :] if MASK_PADDING else (halo_col < HALO_W)[None, :]
     col_bias = _window_bias(col_logits * qk_scale, halo_col[None, :] - q_step_col[:, None], col_allowed,
-                            HAS_REL, KSIZE, DILATION)
+                            HAS_REL, KSIZE, DILATION, SELECT_GATHER)
     row_logits = row_logits * qk_scale
 
     # Keys of one step: strip position n = (row in step) * HALO_W + column.
@@ -187,7 +203,7 @@ def _local_attn_fwd_kernel(
             strip_row = row0 - RADIUS + halo_row
             row_allowed = row_allowed & ((strip_row >= 0) & (strip_row < H))[None, :]
         row_bias = _window_bias(row_logits, halo_row[None, :] - q_step_row[:, None], row_allowed, HAS_REL,
-                                KSIZE, DILATION)
+                                KSIZE, DILATION, SELECT_GATHER)
         logits = tl.dot(q, tl.trans(kt), input_precision=DOT_PRECISION)  # (BLOCK_Q, BLOCK_N)
         logits = (tl.reshape(logits, (BLOCK_Q, STEP_ROWS, HALO_W)) * qk_scale
                   + row_bias[:, :, None] + col_bias[:, None, :])
@@ -222,7 +238,7 @@ def _local_attn_bwd_dq_kernel(
     D: tl.constexpr, D_ROWS: tl.constexpr, KSIZE: tl.constexpr, DILATION: tl.constexpr,
     HAS_REL: tl.constexpr, REL_PER_HEAD: tl.constexpr, MASK_PADDING: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, HALO_W: tl.constexpr,
-    STEP_ROWS: tl.constexpr, KPAD: tl.constexpr, BLOCK_D: tl.constexpr,
+    STEP_ROWS: tl.constexpr, KPAD: tl.constexpr, BLOCK_D: tl.constexpr, SELECT_GATHER: tl.constexpr,
 ):
     RADIUS: tl.constexpr = DILATION * (KSIZE // 2)
     HALO_ROWS: tl.constexpr = BLOCK_H + 2 * RADIUS
@@ -258,7 +274,7 @@ def _local_attn_bwd_dq_kernel(
     key_col = col0 - RADIUS + halo_col
     col_allowed = ((key_col >= 0) & (key_col < W))[None, :] if MASK_PADDING else (halo_col < HALO_W)[None, :]
     col_bias = _window_bias(col_logits * qk_scale, halo_col[None, :] - q_step_col[:, None], col_allowed,
-                            HAS_REL, KSIZE, DILATION)
+                            HAS_REL, KSIZE, DILATION, SELECT_GATHER)
     # The log-sum-exp enters with the row bias: p = exp2(logit - lse) in one add.
     row_logits = row_logits * qk_scale
 
@@ -284,7 +300,7 @@ def _local_attn_bwd_dq_kernel(
             strip_row = row0 - RADIUS + halo_row
             row_allowed = row_allowed & ((strip_row >= 0) & (strip_row < H))[None, :]
         row_bias = _window_bias(row_logits, halo_row[None, :] - q_step_row[:, None], row_allowed, HAS_REL,
-                                KSIZE, DILATION) - lse2[:, None]
+                                KSIZE, DILATION, SELECT_GATHER) - lse2[:, None]
         logits = tl.dot(q, tl.trans(kt), input_precision=DOT_PRECISION)
         logits = (tl.reshape(logits, (BLOCK_Q, STEP_ROWS, HALO_W)) * qk_scale
                   + row_bias[:, :, None] + col_bias[:, None, :])
@@ -294,11 +310,12 @@ def _local_attn_bwd_dq_kernel(
         dq += tl.dot(dlogits.to(kt.dtype), kt, input_precision=DOT_PRECISION)
         if HAS_REL:
             dlogits = tl.reshape(dlogits, (BLOCK_Q, STEP_ROWS, HALO_W))
-            row_coef += _window_taps(tl.sum(dlogits, axis=2), first, q_step_row, STEP_ROWS, KSIZE, DILATION, KPAD)
+            row_coef += _window_taps(tl.sum(dlogits, axis=2), first, q_step_row, STEP_ROWS, KSIZE, DILATION, KPAD,
+                                     SELECT_GATHER)
             col_dlogits += tl.sum(dlogits, axis=1)
 
     if HAS_REL:
-        col_coef = _window_taps(col_dlogits, 0, q_step_col, HALO_W, KSIZE, DILATION, KPAD)
+        col_coef = _window_taps(col_dlogits, 0, q_step_col, HALO_W, KSIZE, DILATION, KPAD, SELECT_GATHER)
         dq += tl.dot(row_coef, rel_rows, input_precision=DOT_PRECISION)
         dq += tl.dot(col_coef, rel_cols, input_precision=DOT_PRECISION)
         # This tile's partial table gradients, drel[t, :Dr] = sum_q row_coef[q, t] q[q, :Dr] (the
@@ -325,7 +342,7 @@ def _local_attn_bwd_dkdv_kernel(
     D: tl.constexpr, D_ROWS: tl.constexpr, KSIZE: tl.constexpr, DILATION: tl.constexpr,
     HAS_REL: tl.constexpr, REL_PER_HEAD: tl.constexpr, MASK_PADDING: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, HALO_W: tl.constexpr,
-    STEP_ROWS: tl.constexpr, KPAD: tl.constexpr, BLOCK_D: tl.constexpr,
+    STEP_ROWS: tl.constexpr, KPAD: tl.constexpr, BLOCK_D: tl.constexpr, SELECT_GATHER: tl.constexpr,
 ):
     # Key-stationary: a BLOCK_H x BLOCK_W tile of keys walks the haloed strip of queries that can
     # see it, STEP_ROWS query rows at a time. Keys outside the image are never stored, so the
@@ -379,9 +396,9 @@ def _local_attn_bwd_dkdv_kernel(
                                                        REL_PER_HEAD, DOT_PRECISION, KPAD, BLOCK_D)
         # (queries, key tile rows) and (queries, key tile columns), then transposed.
         row_bias = _window_bias(row_logits * qk_scale, key_tile_row[None, :] - halo_row[:, None] + 2 * RADIUS,
-                                query_in[:, None], HAS_REL, KSIZE, DILATION) - lse2[:, None]
+                                query_in[:, None], HAS_REL, KSIZE, DILATION, SELECT_GATHER) - lse2[:, None]
         col_bias = _window_bias(col_logits * qk_scale, key_tile_col[None, :] - n_halo_col[:, None] + 2 * RADIUS,
-                                (n_halo_col >= 0)[:, None], HAS_REL, KSIZE, DILATION)
+                                (n_halo_col >= 0)[:, None], HAS_REL, KSIZE, DILATION, SELECT_GATHER)
         logits = tl.dot(kt, tl.trans(qc), input_precision=DOT_PRECISION)  # (BLOCK_K, BLOCK_N)
         logits = (tl.reshape(logits, (BLOCK_H, BLOCK_W, BLOCK_N)) * qk_scale
                   + tl.trans(row_bias)[:, None, :] + tl.trans(col_bias)[None, :, :])
@@ -412,12 +429,13 @@ def halo_width(block_w: int, kernel_size: int, dilation: int) -> int:
 
 
 # Strip pixels per step (STEP_ROWS * HALO_W) of the default configs, per kernel and BLOCK_D: the
-# most that ptxas (Triton 3.9, sm_90, bf16, k = 7, one warp) kept without spilling. A step's
-# (16, pixels) fp32 logit tile costs pixels / 2 registers a thread, its strips pixels * BLOCK_D / 64.
+# most that ptxas (sm_90, bf16, k = 7, one warp) kept without spilling on Triton 3.6 and 3.9 (3.6
+# needs the smaller backward steps at D = 32). A step's (16, pixels) fp32 logit tile costs
+# pixels / 2 registers a thread, its strips pixels * BLOCK_D / 64.
 STEP_PIXELS = {
     "local_fwd": {16: 128, 32: 64, 64: 32, 128: 16},
-    "local_bwd_dq": {16: 64, 32: 64, 64: 16, 128: 16},
-    "local_bwd_dkdv": {16: 32, 32: 32, 64: 16, 128: 16},
+    "local_bwd_dq": {16: 64, 32: 32, 64: 16, 128: 16},
+    "local_bwd_dkdv": {16: 32, 32: 16, 64: 16, 128: 16},
 }
 
 
@@ -438,8 +456,11 @@ def default_config(kernel: str, kernel_size: int, dilation: int, head_dim: int, 
     pixels = STEP_PIXELS[kernel][min(block_d, 128)]
     step_rows = max(1, min(pixels // halo_w, tuning.next_power_of_2(halo_rows)))
     step_rows = max(step_rows, 16 // halo_w)  # a step's dot needs at least 16 strip pixels
-    # fp32 inputs run their dots on the FMA units (ieee), operands in registers: more warps.
-    num_warps = 4 if dtype == torch.float32 else 1
+    # fp32 inputs run their dots on the FMA units (ieee), operands in registers: more warps (the
+    # backward kernels at D >= 64 spilled at 4 warps on Triton 3.6).
+    num_warps = 1
+    if dtype == torch.float32:
+        num_warps = 8 if kernel != "local_fwd" and block_d >= 64 else 4
     # Pipelined loads (cp.async) for several steps of tensor-core dots; fp32's FMA dots hold their
     # operands in registers, where a second stage only adds pressure (dk/dv spilled at D = 64).
     num_stages = 2 if step_rows < halo_rows and dtype != torch.float32 else 1
@@ -450,7 +471,7 @@ def default_config(kernel: str, kernel_size: int, dilation: int, head_dim: int, 
 def config_space(kernel, kernel_size, dilation, head_dim, dtype, height_bucket, width_bucket):
     """The autotuner's candidates, the default among them (about 10-20 per key, so tuning a key
     takes seconds): tiles of 16-32 pixels (2 x 8, 4 x 8, 2 x 16; no wider than the image needs),
-    steps of the default's strip pixels and twice that, 1-2 warps for 16-bit inputs (2-4 for
+    steps of the default's strip pixels and twice that, 1-2 warps for 16-bit inputs (4-8 for
     fp32's FMA dots), 1-2 pipeline stages where a 16-bit kernel takes several steps.
 
     No 16-bit candidate has 4 warps: on an H200 with Triton 3.6 (2026-11-29) the backward kernels
@@ -471,7 +492,7 @@ def config_space(kernel, kernel_size, dilation, head_dim, dtype, height_bucket, 
             step_rows = min(max(1, pixels // halo_w), tuning.next_power_of_2(halo_rows))
             if step_rows * halo_w < 16:
                 continue
-            warps = (2, 4) if dtype == torch.float32 else ((1, 2) if block_h * block_w >= 32 else (1,))
+            warps = (4, 8) if dtype == torch.float32 else ((1, 2) if block_h * block_w >= 32 else (1,))
             for num_warps in warps:
                 for num_stages in ((1, 2) if step_rows < halo_rows and dtype != torch.float32 else (1,)):
                     config = {"BLOCK_H": block_h, "BLOCK_W": block_w, "STEP_ROWS": step_rows,
@@ -490,7 +511,7 @@ def _meta(q, kernel_size, dilation, padding, rel_rows, config):
         DOT_PRECISION=dot_precision(q.dtype), BLOCK_H=config["BLOCK_H"], BLOCK_W=config["BLOCK_W"],
         HALO_W=halo_width(config["BLOCK_W"], kernel_size, dilation), STEP_ROWS=config["STEP_ROWS"],
         KPAD=max(16, tuning.next_power_of_2(kernel_size)), BLOCK_D=max(16, tuning.next_power_of_2(head_dim)),
-        num_warps=config["num_warps"], num_stages=config["num_stages"],
+        SELECT_GATHER=int(config["num_warps"] > 1), num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
 
 
