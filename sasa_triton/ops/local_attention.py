@@ -787,7 +787,9 @@ def local_attention2d(q, k, v, rel_rows=None, rel_cols=None, kernel_size=7, dila
     Returns:
         (B, H, W, heads, D) in q's dtype.
     """
-    if not _validated(q, k, v, rel_rows, rel_cols, kernel_size, dilation, scale, padding, backend):
+    if torch.compiler.is_compiling():  # shapes may be symbolic: hashing them would specialize
+        check_local_attention_args(q, k, v, rel_rows, rel_cols, kernel_size, dilation, scale, padding)
+    elif not _validated(q, k, v, rel_rows, rel_cols, kernel_size, dilation, scale, padding, backend):
         check_local_attention_args(q, k, v, rel_rows, rel_cols, kernel_size, dilation, scale, padding)
     if resolve_backend(backend, q.device) == "reference":
         from ..reference import local_attention2d as reference_op
