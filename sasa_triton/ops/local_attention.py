@@ -141,6 +141,78 @@ def _window_taps(values, first, position, STEP: tl.constexpr, KSIZE: tl.constexp
     return tl.where(ok, _take(values, tl.where(ok, index, 0), STEP, SELECT_GATHER), 0.0)
 
 
+@triton.jit
+def _query_tile_setup(q, REL_ROWS, REL_COLS, head, col0, q_step_col, W, qk_scale,
+                      D: tl.constexpr, D_ROWS: tl.constexpr, KSIZE: tl.constexpr, DILATION: tl.constexpr,
+                      HAS_REL: tl.constexpr, REL_PER_HEAD: tl.constexpr, MASK_PADDING: tl.constexpr,
+                      DOT_PRECISION: tl.constexpr, HALO_W: tl.constexpr, KPAD: tl.constexpr,
+                      BLOCK_D: tl.constexpr, SELECT_GATHER: tl.constexpr):
+    """What a query tile needs for every step (fwd and dq): the tables, the scaled row logits
+    (each step gathers its row bias from them) and the column bias (BLOCK_Q, HALO_W), the same for
+    every key row."""
+    RADIUS: tl.constexpr = DILATION * (KSIZE // 2)
+    rel_rows = tl.zeros((KPAD, BLOCK_D), dtype=tl.float32)
+    rel_cols = tl.zeros((KPAD, BLOCK_D), dtype=tl.float32)
+    row_logits = tl.zeros((q.shape[0], KPAD), dtype=tl.float32)
+    col_logits = tl.zeros((q.shape[0], KPAD), dtype=tl.float32)
+    if HAS_REL:
+        rel_rows, rel_cols, row_logits, col_logits = _rel_logits(q, REL_ROWS, REL_COLS, head, D, D_ROWS, KSIZE,
+                                                                 REL_PER_HEAD, DOT_PRECISION, KPAD, BLOCK_D)
+    halo_col = tl.arange(0, HALO_W)
+    key_col = col0 - RADIUS + halo_col
+    col_allowed = ((key_col >= 0) & (key_col < W))[None, :] if MASK_PADDING else (halo_col < HALO_W)[None, :]
+    col_bias = _window_bias(col_logits * qk_scale, halo_col[None, :] - q_step_col[:, None], col_allowed,
+                            HAS_REL, KSIZE, DILATION, SELECT_GATHER)
+    return rel_rows, rel_cols, row_logits * qk_scale, col_bias
+
+
+@triton.jit
+def _key_strip(batch, head, row0, col0, W, stride_b, stride_h, stride_w, D: tl.constexpr, KSIZE: tl.constexpr,
+               DILATION: tl.constexpr, HALO_W: tl.constexpr, STEP_ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A query tile's key strip, one step's worth (strip position n = row in step * HALO_W +
+    column): each position's row in the step, whether its column is in the image, the int64
+    origin of the strip's first row and the int32 offsets from it."""
+    RADIUS: tl.constexpr = DILATION * (KSIZE // 2)
+    offs_n = tl.arange(0, STEP_ROWS * HALO_W)
+    n_halo_col = offs_n % HALO_W
+    n_step_row = offs_n // HALO_W
+    n_col_in = (col0 - RADIUS + n_halo_col >= 0) & (col0 - RADIUS + n_halo_col < W)
+    origin = batch * stride_b + (row0 - RADIUS).to(tl.int64) * stride_h + (col0 - RADIUS) * stride_w + head * D
+    return n_step_row, n_col_in, origin, _strip_offsets(n_halo_col, n_step_row, stride_h, stride_w, D, BLOCK_D)
+
+
+@triton.jit
+def _step_logits(q, K, V, strip_origin, strip_offsets, first, stride_h, n_col_in, n_step_row, row0, q_step_row,
+                 query_ok, row_shift, row_logits, col_bias, H, qk_scale,
+                 KSIZE: tl.constexpr, DILATION: tl.constexpr, HAS_REL: tl.constexpr, MASK_PADDING: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr, HALO_ROWS: tl.constexpr, HALO_W: tl.constexpr,
+                 STEP_ROWS: tl.constexpr, SELECT_GATHER: tl.constexpr, SHIFTED: tl.constexpr):
+    """One step of a query tile (fwd and dq): the step's K and V strips and its scaled logits
+    (BLOCK_Q, STEP_ROWS, HALO_W), in log2 units, -inf outside each query's window. SHIFTED (dq):
+    minus row_shift (the log-sum-exp), and -inf for queries not query_ok."""
+    RADIUS: tl.constexpr = DILATION * (KSIZE // 2)
+    key_row = row0 - RADIUS + first + n_step_row
+    kv_mask = (n_col_in & (key_row >= 0) & (key_row < H) & (first + n_step_row < HALO_ROWS))[:, None]
+    kt = tl.load(K + (strip_origin + first * stride_h) + strip_offsets, mask=kv_mask, other=0.0)
+    vt = tl.load(V + (strip_origin + first * stride_h) + strip_offsets, mask=kv_mask, other=0.0)
+    # Row bias of this step: (BLOCK_Q, STEP_ROWS).
+    halo_row = first + tl.arange(0, STEP_ROWS)
+    row_allowed = (halo_row < HALO_ROWS)[None, :]
+    if SHIFTED:
+        row_allowed = row_allowed & query_ok[:, None]
+    if MASK_PADDING:
+        strip_row = row0 - RADIUS + halo_row
+        row_allowed = row_allowed & ((strip_row >= 0) & (strip_row < H))[None, :]
+    row_bias = _window_bias(row_logits, halo_row[None, :] - q_step_row[:, None], row_allowed, HAS_REL,
+                            KSIZE, DILATION, SELECT_GATHER)
+    if SHIFTED:
+        row_bias = row_bias - row_shift[:, None]
+    logits = tl.dot(q, tl.trans(kt), input_precision=DOT_PRECISION)  # (BLOCK_Q, STEP_ROWS * HALO_W)
+    logits = (tl.reshape(logits, (q.shape[0], STEP_ROWS, HALO_W)) * qk_scale
+              + row_bias[:, :, None] + col_bias[:, None, :])
+    return kt, vt, logits
+
+
 # ----------------------------------------------------------------------------------------------
 # Forward
 # ----------------------------------------------------------------------------------------------
@@ -165,48 +237,21 @@ def _local_attn_fwd_kernel(
     q_mask = q_in[:, None] & (offs_d[None, :] < D)
     q = tl.load(_pixel_ptrs(Q, batch, head, row0, col0, q_step_row, q_step_col, stride_b, stride_h, stride_w,
                             D, BLOCK_D), mask=q_mask, other=0.0)
-    row_logits = tl.zeros((BLOCK_Q, KPAD), dtype=tl.float32)
-    col_logits = tl.zeros((BLOCK_Q, KPAD), dtype=tl.float32)
-    if HAS_REL:
-        _, _, row_logits, col_logits = _rel_logits(q, REL_ROWS, REL_COLS, head, D, D_ROWS, KSIZE, REL_PER_HEAD,
-                                                   DOT_PRECISION, KPAD, BLOCK_D)
-    # Column bias, the same for every key row: (BLOCK_Q, HALO_W).
-    halo_col = tl.arange(0, HALO_W)
-    key_col = col0 - RADIUS + halo_col
-    col_in = (key_col >= 0) & (key_col < W)
-    col_allowed = col_in[None, :] if MASK_PADDING else (halo_col < HALO_W)[None, :]
-    col_bias = _window_bias(col_logits * qk_scale, halo_col[None, :] - q_step_col[:, None], col_allowed,
-                            HAS_REL, KSIZE, DILATION, SELECT_GATHER)
-    row_logits = row_logits * qk_scale
+    _, _, row_logits, col_bias = _query_tile_setup(
+        q, REL_ROWS, REL_COLS, head, col0, q_step_col, W, qk_scale, D, D_ROWS, KSIZE, DILATION, HAS_REL,
+        REL_PER_HEAD, MASK_PADDING, DOT_PRECISION, HALO_W, KPAD, BLOCK_D, SELECT_GATHER)
 
-    # Keys of one step: strip position n = (row in step) * HALO_W + column.
-    offs_n = tl.arange(0, BLOCK_N)
-    n_halo_col = offs_n % HALO_W
-    n_step_row = offs_n // HALO_W
-    n_col_in = (col0 - RADIUS + n_halo_col >= 0) & (col0 - RADIUS + n_halo_col < W)
-    strip_origin = batch * stride_b + (row0 - RADIUS).to(tl.int64) * stride_h + (col0 - RADIUS) * stride_w + head * D
-    strip_offsets = _strip_offsets(n_halo_col, n_step_row, stride_h, stride_w, D, BLOCK_D)
-    step_row = tl.arange(0, STEP_ROWS)
+    n_step_row, n_col_in, strip_origin, strip_offsets = _key_strip(
+        batch, head, row0, col0, W, stride_b, stride_h, stride_w, D, KSIZE, DILATION, HALO_W, STEP_ROWS, BLOCK_D)
 
     m_i = tl.full((BLOCK_Q,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_Q,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_Q, BLOCK_D), dtype=tl.float32)
     for first in range(0, HALO_ROWS, STEP_ROWS):
-        key_row = row0 - RADIUS + first + n_step_row
-        kv_mask = (n_col_in & (key_row >= 0) & (key_row < H) & (first + n_step_row < HALO_ROWS))[:, None]
-        kt = tl.load(K + (strip_origin + first * stride_h) + strip_offsets, mask=kv_mask, other=0.0)
-        vt = tl.load(V + (strip_origin + first * stride_h) + strip_offsets, mask=kv_mask, other=0.0)
-        # Row bias of this step: (BLOCK_Q, STEP_ROWS).
-        halo_row = first + step_row
-        row_allowed = (halo_row < HALO_ROWS)[None, :]
-        if MASK_PADDING:
-            strip_row = row0 - RADIUS + halo_row
-            row_allowed = row_allowed & ((strip_row >= 0) & (strip_row < H))[None, :]
-        row_bias = _window_bias(row_logits, halo_row[None, :] - q_step_row[:, None], row_allowed, HAS_REL,
-                                KSIZE, DILATION, SELECT_GATHER)
-        logits = tl.dot(q, tl.trans(kt), input_precision=DOT_PRECISION)  # (BLOCK_Q, BLOCK_N)
-        logits = (tl.reshape(logits, (BLOCK_Q, STEP_ROWS, HALO_W)) * qk_scale
-                  + row_bias[:, :, None] + col_bias[:, None, :])
+        kt, vt, logits = _step_logits(
+            q, K, V, strip_origin, strip_offsets, first, stride_h, n_col_in, n_step_row, row0, q_step_row, q_in,
+            q_in, row_logits, col_bias, H, qk_scale, KSIZE, DILATION, HAS_REL, MASK_PADDING, DOT_PRECISION,
+            HALO_ROWS, HALO_W, STEP_ROWS, SELECT_GATHER, SHIFTED=False)
         m_new = tl.maximum(m_i, tl.max(tl.max(logits, axis=2), axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a query with no key yet stays at zero
         alpha = tl.exp2(m_i - m_safe)
@@ -263,47 +308,23 @@ def _local_attn_bwd_dq_kernel(
     lse2 = tl.load(LSE + stat_origin + stat_offsets, mask=q_in, other=0.0) * 1.4426950408889634
     qk_scale = scale * 1.4426950408889634
 
-    rel_rows = tl.zeros((KPAD, BLOCK_D), dtype=tl.float32)
-    rel_cols = tl.zeros((KPAD, BLOCK_D), dtype=tl.float32)
-    row_logits = tl.zeros((BLOCK_Q, KPAD), dtype=tl.float32)
-    col_logits = tl.zeros((BLOCK_Q, KPAD), dtype=tl.float32)
-    if HAS_REL:
-        rel_rows, rel_cols, row_logits, col_logits = _rel_logits(q, REL_ROWS, REL_COLS, head, D, D_ROWS, KSIZE,
-                                                                 REL_PER_HEAD, DOT_PRECISION, KPAD, BLOCK_D)
-    halo_col = tl.arange(0, HALO_W)
-    key_col = col0 - RADIUS + halo_col
-    col_allowed = ((key_col >= 0) & (key_col < W))[None, :] if MASK_PADDING else (halo_col < HALO_W)[None, :]
-    col_bias = _window_bias(col_logits * qk_scale, halo_col[None, :] - q_step_col[:, None], col_allowed,
-                            HAS_REL, KSIZE, DILATION, SELECT_GATHER)
-    # The log-sum-exp enters with the row bias: p = exp2(logit - lse) in one add.
-    row_logits = row_logits * qk_scale
+    rel_rows, rel_cols, row_logits, col_bias = _query_tile_setup(
+        q, REL_ROWS, REL_COLS, head, col0, q_step_col, W, qk_scale, D, D_ROWS, KSIZE, DILATION, HAS_REL,
+        REL_PER_HEAD, MASK_PADDING, DOT_PRECISION, HALO_W, KPAD, BLOCK_D, SELECT_GATHER)
 
-    offs_n = tl.arange(0, BLOCK_N)
-    n_halo_col = offs_n % HALO_W
-    n_step_row = offs_n // HALO_W
-    n_col_in = (col0 - RADIUS + n_halo_col >= 0) & (col0 - RADIUS + n_halo_col < W)
-    strip_origin = batch * stride_b + (row0 - RADIUS).to(tl.int64) * stride_h + (col0 - RADIUS) * stride_w + head * D
-    strip_offsets = _strip_offsets(n_halo_col, n_step_row, stride_h, stride_w, D, BLOCK_D)
-    step_row = tl.arange(0, STEP_ROWS)
+    n_step_row, n_col_in, strip_origin, strip_offsets = _key_strip(
+        batch, head, row0, col0, W, stride_b, stride_h, stride_w, D, KSIZE, DILATION, HALO_W, STEP_ROWS, BLOCK_D)
 
     dq = tl.zeros((BLOCK_Q, BLOCK_D), dtype=tl.float32)
     row_coef = tl.zeros((BLOCK_Q, KPAD), dtype=tl.float32)  # dlogit summed per window row
     col_dlogits = tl.zeros((BLOCK_Q, HALO_W), dtype=tl.float32)  # dlogit summed over key rows
     for first in range(0, HALO_ROWS, STEP_ROWS):
-        key_row = row0 - RADIUS + first + n_step_row
-        kv_mask = (n_col_in & (key_row >= 0) & (key_row < H) & (first + n_step_row < HALO_ROWS))[:, None]
-        kt = tl.load(K + (strip_origin + first * stride_h) + strip_offsets, mask=kv_mask, other=0.0)
-        vt = tl.load(V + (strip_origin + first * stride_h) + strip_offsets, mask=kv_mask, other=0.0)
-        halo_row = first + step_row
-        row_allowed = (halo_row < HALO_ROWS)[None, :] & q_in[:, None]
-        if MASK_PADDING:
-            strip_row = row0 - RADIUS + halo_row
-            row_allowed = row_allowed & ((strip_row >= 0) & (strip_row < H))[None, :]
-        row_bias = _window_bias(row_logits, halo_row[None, :] - q_step_row[:, None], row_allowed, HAS_REL,
-                                KSIZE, DILATION, SELECT_GATHER) - lse2[:, None]
-        logits = tl.dot(q, tl.trans(kt), input_precision=DOT_PRECISION)
-        logits = (tl.reshape(logits, (BLOCK_Q, STEP_ROWS, HALO_W)) * qk_scale
-                  + row_bias[:, :, None] + col_bias[:, None, :])
+        # The log-sum-exp enters with the row bias: p = exp2(logit - lse) in one add. Queries
+        # outside the image get p = 0 (they add nothing to the table gradients).
+        kt, vt, logits = _step_logits(
+            q, K, V, strip_origin, strip_offsets, first, stride_h, n_col_in, n_step_row, row0, q_step_row, q_in,
+            lse2, row_logits, col_bias, H, qk_scale, KSIZE, DILATION, HAS_REL, MASK_PADDING, DOT_PRECISION,
+            HALO_ROWS, HALO_W, STEP_ROWS, SELECT_GATHER, SHIFTED=True)
         p = tl.reshape(tl.exp2(logits), (BLOCK_Q, BLOCK_N))
         dp = tl.dot(dy, tl.trans(vt), input_precision=DOT_PRECISION)
         dlogits = p * (dp - delta[:, None])  # gradient of the scaled logit
