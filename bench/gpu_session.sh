@@ -15,7 +15,9 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu_out}"
 mkdir -p "$OUT"
 what="${1:-all}"
-pip install --quiet --no-deps -e . >"$OUT/install.log" 2>&1 || pip install --quiet -e . >>"$OUT/install.log" 2>&1
+# The lent machines reach no package index: run from the checkout (pytest must be there already,
+# e.g. carried in a virtual environment; the correctness part needs it).
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 {
   date -u; git rev-parse --short HEAD 2>/dev/null
   python -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"
