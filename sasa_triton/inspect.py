@@ -93,7 +93,8 @@ def local_cost(kernel: str, kernel_size: int, head_dim: int, elt: int, config: d
     (BLOCK_W + 2r padded to a power of two) columns, in
     BLOCK_D-wide (D padded) products: 2 dots (fwd), 3 (dq) or 4 (dk/dv) of 2 * pairs * BLOCK_D.
     """
-    from .tuning import halo_width, next_power_of_2
+    from .ops.local_attention import halo_width
+    from .tuning import next_power_of_2
 
     k, D = kernel_size, head_dim
     radius = k // 2

@@ -60,11 +60,6 @@ def next_power_of_2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-def halo_width(block_w: int, kernel_size: int, dilation: int) -> int:
-    """Power-of-two width of the haloed key (or query) row for a tile of width block_w."""
-    return max(16, next_power_of_2(block_w + 2 * dilation * (kernel_size // 2)))
-
-
 # ----------------------------------------------------------------------------------------------
 # Default configs
 # ----------------------------------------------------------------------------------------------

@@ -714,6 +714,7 @@ def static_specs(shape=(32, 56, 56, 8, 64), dtype=torch.bfloat16, kernel_size=7,
 class _LocalAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, rel_rows, rel_cols, kernel_size, dilation, scale, padding):
+        q, k, v, _ = _qkv_strides(q, k, v)  # saved as the kernels read them: the backward copies nothing again
         y, lse = _fwd(q, k, v, rel_rows, rel_cols, kernel_size, dilation, scale, padding)
         ctx.save_for_backward(q, k, v, rel_rows, rel_cols, y, lse)
         ctx.args = (kernel_size, dilation, scale, padding)
