@@ -271,9 +271,9 @@ def test_bad_input_raises_clear_errors(overrides, error, message):
 
 
 def test_float64_is_refused_by_the_kernels(device):
+    args = {name: value.to(device) if torch.is_tensor(value) else value for name, value in _args().items()}
     with pytest.raises(TypeError, match="float64"):
-        sasa_triton.attention_stem2d(**_args(x=torch.randn(1, 3, 4, 4, dtype=torch.float64, device=device),
-                                             backend="triton"))
+        sasa_triton.attention_stem2d(**{**args, "x": args["x"].double(), "backend": "triton"})
 
 
 # --------------------------------------------------------------------------------------------
@@ -284,10 +284,11 @@ STATE_DICT_KEYS = ["attention.qkv.weight", "attention.emb_row", "attention.emb_c
                    "norm.bias", "norm.running_mean", "norm.running_var", "norm.num_batches_tracked"]
 
 
-def test_module_routes():
-    assert SpatialAttention2d(3, 8, heads=2, backend="triton").route(torch.randn(1, 3, 4, 4)) == "fused"
-    assert SpatialAttention2d(9, 8, heads=2, backend="triton").route(torch.randn(1, 9, 4, 4)) == "unfused"
-    assert SpatialAttention2d(3, 8, heads=2, backend="reference").route(torch.randn(1, 3, 4, 4)) == "reference"
+def test_module_routes(device):
+    x3, x9 = torch.randn(1, 3, 4, 4, device=device), torch.randn(1, 9, 4, 4, device=device)
+    assert SpatialAttention2d(3, 8, heads=2, backend="triton").route(x3) == "fused"
+    assert SpatialAttention2d(9, 8, heads=2, backend="triton").route(x9) == "unfused"
+    assert SpatialAttention2d(3, 8, heads=2, backend="reference").route(x3) == "reference"
 
 
 @pytest.mark.parametrize("window,padding", [("block", "mask"), ("sliding", "zeros")])

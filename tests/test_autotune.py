@@ -5,6 +5,7 @@ and `python -m sasa_triton.autotune` and bench/sweep_candidates.py under the int
 """
 import importlib.util
 import json
+import inspect
 import os
 import subprocess
 import sys
@@ -260,7 +261,10 @@ def test_parallel_compiles_survive_a_failing_compile():
         with autotune._parallel_compiles(2):
             mode = _async_compile.active_mode.get()
             assert mode is not None
-            mode.submit("key", fail, lambda kernel: None, lambda future: None)
+            # submit(key, compile_fn, finalize_fn[, cleanup_fn]): the cleanup callback came after 3.6.
+            callbacks = [lambda kernel: None, lambda future: None]
+            n_callbacks = len(inspect.signature(mode.submit).parameters) - 2
+            mode.submit("key", fail, *callbacks[:n_callbacks])
         assert _async_compile.active_mode.get() is None
 
 
@@ -331,7 +335,9 @@ def test_a_dying_child_costs_only_its_candidate():
     tasks = [Task("local_fwd", 3, 1, TINY, "fp32", candidates=[dying, good]),
              Task("local_fwd", 5, 1, TINY, "fp32", candidates=[good])]
     lines = []
-    first, second = autotune.tune(tasks, problem=DyingProblem, log=lines.append)
+    # compile_ahead=False: the parallel compile pass also calls run() (launches stubbed, where no
+    # real fault can happen), and DyingProblem would die there instead.
+    first, second = autotune.tune(tasks, problem=DyingProblem, log=lines.append, compile_ahead=False)
     # The fault is recorded, the remaining candidate ran in a fresh child, the key is tuned.
     assert first.results[1]["status"] == "fault" and "exit code 7" in first.results[1]["reason"]
     assert first.results[2]["status"] == "accepted" and first.error is None

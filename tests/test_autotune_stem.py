@@ -80,7 +80,8 @@ def test_space_varies_the_tile_shapes():
         kept = tuning.candidate_configs(kernel, bs, 1, 16, torch.bfloat16, 224, 224)
         return {tuple(c[k] for k in keys) for c in kept}
     for bs in (2, 3, 4, 5, 8):
-        assert len(tiles("spatial_block_fwd", bs, ("GROUP", "BLOCK_M", "BLOCK_N"))) >= 3, bs
+        # At bs 8 a 64-pixel block fills a chunk of 64 or 128 by itself: one or two blocks a tile.
+        assert len(tiles("spatial_block_fwd", bs, ("GROUP", "BLOCK_M", "BLOCK_N"))) >= (2 if bs == 8 else 3), bs
         assert len(tiles("spatial_block_bwd_dkdv", bs, ("TILES_PER_PROGRAM",))) >= 2, bs
         assert len(tiles("spatial_sliding_fwd", bs, ("BLOCK_H", "BLOCK_W"))) >= 3, bs
     groups2 = tiles("spatial_block_fwd", 2, ("GROUP",))

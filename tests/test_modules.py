@@ -127,11 +127,11 @@ def test_layer_rejects_bad_input(layer_kwargs, make_x, error, match):
         layer(make_x())
 
 
-def test_float64_layer_needs_the_reference_backend():
+def test_float64_layer_needs_the_reference_backend(device):
     """As nn.Conv2d: a .double() layer takes float64 input; the Triton kernels do not, and say so."""
     torch.manual_seed(0)
-    layer = SelfAttention2d(4, 8, kernel_size=3, heads=2, stride=2, backend="reference").double()
-    x = torch.randn(1, 4, 5, 7, dtype=torch.float64)
+    layer = SelfAttention2d(4, 8, kernel_size=3, heads=2, stride=2, backend="reference").double().to(device)
+    x = torch.randn(1, 4, 5, 7, dtype=torch.float64, device=device)
     out = layer(x)
     assert out.dtype == torch.float64 and out.shape == (1, 8, 2, 3)
     torch.testing.assert_close(out, manual_layer(layer, x), rtol=1e-12, atol=1e-12)
