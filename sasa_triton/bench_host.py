@@ -93,7 +93,7 @@ def measure(shape=(1, 7, 7, 8, 64), kernel_size=7, calls=2000, device="cpu", stu
         @staticmethod
         def backward(ctx, dy):
             q, k, v, rel_rows, rel_cols, y, lse = ctx.saved_tensors
-            return (*torch.empty((3, *q.shape), dtype=q.dtype).unbind(0), torch.empty_like(rel_rows),
+            return (*torch.empty((3, *q.shape), dtype=q.dtype, device=q.device).unbind(0), torch.empty_like(rel_rows),
                     torch.empty_like(rel_cols))
 
     def floor_forward():

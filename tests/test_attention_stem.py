@@ -276,6 +276,22 @@ def test_float64_is_refused_by_the_kernels(device):
         sasa_triton.attention_stem2d(**{**args, "x": args["x"].double(), "backend": "triton"})
 
 
+def test_tables_stay_float32_under_autocast(device):
+    """Under autocast einsum would return bf16 tables, which the forward's tl.dot met with its fp32
+    attention weights: a compile error on an H200 (2026-11-29). The tables are built outside
+    autocast, and the launchers refuse other dtypes by name."""
+    args = {name: value.to(device) if torch.is_tensor(value) else value for name, value in _args().items()}
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        qk, w_eff = stem_tables(args["w_q"], args["w_k"], args["w_v"], args["mix"], args["heads"])
+        out = sasa_triton.attention_stem2d(**{**args, "backend": "triton"})
+    assert qk.dtype == w_eff.dtype == torch.float32 and out.dtype == torch.bfloat16
+    expected = reference(**{**args, "x": args["x"].bfloat16().double(),
+                            **{k: args[k].double() for k in ("w_q", "w_k", "w_v", "mix")}})
+    assert_close(out, expected, torch.bfloat16, "y")
+    with pytest.raises(TypeError, match="qk and w_eff must be float32"):
+        _fwd(args["x"], qk.bfloat16(), w_eff, args["heads"], 2, "block", "zeros")
+
+
 # --------------------------------------------------------------------------------------------
 # The stem modules on the fused op
 # --------------------------------------------------------------------------------------------

@@ -331,6 +331,7 @@ def _outputs(x, heads, C_out):
 def _fwd(x, qk, w_eff, heads, block_size, window, padding, y=None, lse=None, config=None):
     """Launch the forward. Returns y (B, H, W, heads, D) in x's dtype and lse (B, heads, H, W) fp32.
     `y`/`lse` may be passed in (the tests poison them to prove every element is written)."""
+    _check_tables(qk, w_eff)
     if y is None or lse is None:
         y, lse = _outputs(x, heads, w_eff.shape[2])
     if y.numel() == 0:
@@ -344,6 +345,7 @@ def _fwd(x, qk, w_eff, heads, block_size, window, padding, y=None, lse=None, con
 def _bwd(x, qk, w_eff, lse, dy, heads, block_size, window, padding, dx=None, config=None, config_dx=None):
     """Launch the backward. Returns dx (x's dtype and strides), dqk (heads, C_in, C_in) and
     dw_eff (bs, bs, C_out, C_in), both fp32. `dx` may be passed in (the tests poison it)."""
+    _check_tables(qk, w_eff)
     if dx is None:
         dx = torch.empty_like(x)
     if x.numel() == 0:
@@ -416,10 +418,18 @@ def stem_tables(w_q, w_k, w_v, mix, heads, scale=1.0):
     sum_m mix[a, b, m] W_V^m, in fp32 (float64 stays float64), differentiable."""
     dtype = torch.float64 if torch.float64 in (w_q.dtype, w_k.dtype, w_v.dtype, mix.dtype) else torch.float32
     C_out, C_in = w_q.shape
-    w_q, w_k = (w.to(dtype).reshape(heads, C_out // heads, C_in) for w in (w_q, w_k))
-    qk = torch.einsum("hdc,hde->hce", w_k, w_q) * scale
-    w_eff = torch.einsum("abm,moc->aboc", mix.to(dtype), w_v.to(dtype))
+    # Outside autocast: there einsum would round the tables to bf16/fp16, and the kernels take them
+    # in fp32 (a bf16 W_eff met the fp32 attention weights in one tl.dot: a compile error on an H200).
+    with torch.autocast(w_q.device.type, enabled=False):
+        w_q, w_k = (w.to(dtype).reshape(heads, C_out // heads, C_in) for w in (w_q, w_k))
+        qk = torch.einsum("hdc,hde->hce", w_k, w_q) * scale
+        w_eff = torch.einsum("abm,moc->aboc", mix.to(dtype), w_v.to(dtype))
     return qk, w_eff
+
+
+def _check_tables(qk, w_eff):
+    if qk.dtype != torch.float32 or w_eff.dtype != torch.float32:
+        raise TypeError(f"qk and w_eff must be float32 (stem_tables makes them so), got {qk.dtype} and {w_eff.dtype}")
 
 
 def attention_stem2d(x, w_q, w_k, w_v, mix, heads, block_size=4, scale=1.0, window="block", padding="zeros",
