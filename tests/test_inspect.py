@@ -7,7 +7,7 @@ mma.sync where 3.9 emits wgmma, so either counts) and the instruction counts dif
 so the baseline holds one entry per major.minor and the test skips, saying so, on a Triton it
 has none for. No spill and a clean compile are required on every version: a default config
 that spills on one release is a config to change, not an expectation, with the one exception in
-KNOWN_SPILLS (checked on Triton 3.3.1, 3.6.0 and 3.9.0, 2026-11-29).
+tests/helpers.py's KNOWN_SPILLS (checked on Triton 3.3.1, 3.6.0 and 3.9.0, 2026-11-29).
 """
 import json
 import os
@@ -17,6 +17,8 @@ import sys
 import pytest
 
 from sasa_triton import inspect as sasa_inspect
+
+from helpers import known_spill_bytes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECORD_FIELDS = {"kernel", "arch", "dtype", "kernel_size", "head_dim", "source", "config", "registers", "spill_stores",
@@ -62,19 +64,11 @@ def test_json_has_expected_fields(report):
 
 
 # (Triton major.minor, kernel, head dim): spill bytes a bf16 k = 7 default config may have there, and why.
-KNOWN_SPILLS = {
-    # One warp's two (16, 64) fp32 accumulators and the smallest step (16 strip pixels) need 28 bytes
-    # more than 255 registers on 3.3 only; 2 warps do not spill but execute about 3x the instructions
-    # (and 3.6/3.9 do not spill at 1 warp).
-    ("3.3", "local_bwd_dkdv", 64): 28,
-}
-
-
 def test_default_configs_do_not_spill_and_use_tensor_cores(report):
     import triton
     version = ".".join(triton.__version__.split(".")[:2])
     for record in report["records"]:
-        allowed = KNOWN_SPILLS.get((version, record["kernel"], record.get("head_dim")), 0)
+        allowed = known_spill_bytes(version, record["kernel"], record.get("head_dim"))
         assert record["spill_stores"] <= allowed and record["spill_loads"] <= allowed, \
             f"{record['kernel']} {record['config']} spills: {record['spill_stores']}/{record['spill_loads']} bytes"
         assert (record["HGMMA"] or 0) + (record["HMMA"] or 0) > 0, f"{record['kernel']} has no tensor-core instruction"

@@ -464,16 +464,21 @@ def default_config(kernel: str, kernel_size: int, dilation: int, head_dim: int, 
     """The default launch config of a local-attention kernel (the same on the GPU and under the
     interpreter, so CI runs what the GPU runs).
 
-    A 2 x 8 query (or key) tile is one tensor-core row block of 16 pixels: one warp. A step walks
+    A 2 x 8 query (or key) tile is one tensor-core row block of 16 pixels: one warp (dk/dv at
+    D <= 16 in 16 bits: 4 x 8, two row blocks, measured faster). A step walks
     STEP_ROWS haloed rows, as many as STEP_PIXELS allows (at k = 7 and D <= 16 the forward takes
     the whole 8 x 16 strip in one step). Several steps pipeline their loads (num_stages 2).
     """
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-    block_h, block_w = 2, 8
+    block_d = max(16, tuning.next_power_of_2(head_dim))
+    # dk/dv at D <= 16 (16-bit): a 4 x 8 key tile (two row blocks) shares each query strip between
+    # 32 keys; on an H200 (Triton 3.6, 2026-11-29, k = 7, B 32) the backward took 0.534 ms instead
+    # of 0.649 at 56x56x64 and 0.222 instead of 0.234 at 28x28x128.
+    wide = kernel == "local_bwd_dkdv" and block_d == 16 and dtype != torch.float32
+    block_h, block_w = (4 if wide else 2), 8
     halo_w = halo_width(block_w, kernel_size, dilation)
     halo_rows = block_h + 2 * dilation * (kernel_size // 2)
-    block_d = max(16, tuning.next_power_of_2(head_dim))
     pixels = STEP_PIXELS[kernel][min(block_d, 128)]
     step_rows = max(1, min(pixels // halo_w, tuning.next_power_of_2(halo_rows)))
     step_rows = max(step_rows, 16 // halo_w)  # a step's dot needs at least 16 strip pixels
