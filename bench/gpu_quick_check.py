@@ -19,7 +19,8 @@ from sasa_triton.reference import local_attention2d as reference  # noqa: E402
 
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False
-dev = "cuda"
+# A dry run of the script's own logic without a GPU: TRITON_INTERPRET=1 QUICK_CHECK_DEVICE=cpu ... --max-cases 1
+dev = os.environ.get("QUICK_CHECK_DEVICE", "cuda")
 bad = 0
 
 
@@ -32,13 +33,13 @@ def check(B, H, W, heads, D, k, d, padding, rel, dtype, seed=0):
     rc = torch.randn(*lead, k, D - D // 2, generator=gen, dtype=torch.float64) * 0.5 if rel else None
     low = [t.to(dtype) for t in (q, key, v)] + [None if t is None else t.float() for t in (rr, rc)]
     ins = [None if t is None else t.to(dev).requires_grad_() for t in low]
-    r64 = [None if t is None else t.double().requires_grad_() for t in low]
+    r64 = [None if t is None else t.to(dev, torch.float64).requires_grad_() for t in low]  # float64 on the GPU
     kw = dict(kernel_size=k, dilation=d, scale=0.5, padding=padding)
     y = sasa_triton.local_attention2d(*ins, backend="triton", **kw)
     y64 = reference(*r64, **kw)
     dy = torch.randn(y64.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     grads = torch.autograd.grad(y, [t for t in ins if t is not None], dy.to(dev, dtype))
-    grads64 = torch.autograd.grad(y64, [t for t in r64 if t is not None], dy)
+    grads64 = torch.autograd.grad(y64, [t for t in r64 if t is not None], dy.to(dev))
     # PyTorch's own error in the dtype on the same inputs: the scale of what is allowed.
     rl = [None if t is None else t.detach().to(dev).requires_grad_() for t in low]
     yl = reference(*rl, **kw)
@@ -46,7 +47,7 @@ def check(B, H, W, heads, D, k, d, padding, rel, dtype, seed=0):
     worst = 0.0
     names = ["y", "dq", "dk", "dv", "drel_rows", "drel_cols"]
     for name, a, e, l in zip(names, [y, *grads], [y64, *grads64], [yl, *gl]):
-        a, e, l = a.detach().double().cpu(), e.detach().double(), l.detach().double().cpu()
+        a, e, l = a.detach().double().cpu(), e.detach().double().cpu(), l.detach().double().cpu()
         if not torch.isfinite(a).all():
             ratio = float("inf")
         else:
@@ -73,6 +74,8 @@ cases.append((2, 9, 10, 2, 128, 7, 1, "zeros", None, torch.bfloat16))
 cases.append((2, 28, 28, 8, 16, 7, 1, "zeros", "shared", torch.float32))
 cases.append((2, 19, 21, 2, 32, 15, 1, "mask", "shared", torch.float32))
 start = time.time()
+if "--max-cases" in sys.argv:
+    cases = cases[-int(sys.argv[sys.argv.index("--max-cases") + 1]):]  # the last ones are the smallest
 if "--timing-only" not in sys.argv:
     for case in cases:
         check(*case)
