@@ -284,7 +284,7 @@ def plot_models(rows, path=None, title=""):
     if not rows:
         return None
     providers = list(dict.fromkeys(r["provider"] for r in rows))
-    passes = [p for p in ("inference", "training") if any(r["pass"] == p for r in rows)]
+    passes = list(dict.fromkeys(r["pass"] for r in rows))  # inference, training, then their CUDA-graph runs
     fig, ax = plt.subplots(figsize=(7, 1.4 + 0.45 * len(providers) * len(passes)))
     height = 0.8 / len(passes)
     for i, pass_ in enumerate(passes):

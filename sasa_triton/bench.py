@@ -326,6 +326,17 @@ def make_plan(args, device, device_name: str, bandwidth_gbps: float) -> tuple[li
                 for pass_ in ("inference", "training"):
                     cases.append(Case("model", name, f"{S}x{S}", S, 3, 7 if name.startswith("sasa") else "", pass_,
                                       stem))
+        # The same steps captured in CUDA graphs: the kernels without the per-call host cost that
+        # dominates the small stages in eager mode. Last: a failed capture cannot spoil other rows.
+        graphed = [Case(c.section, c.provider, c.shape, c.H, c.C, c.k, c.pass_ + GRAPH_SUFFIX, c.stem)
+                   for c in cases if c.section == "model"]
+        if device.type == "cuda":
+            cases += graphed
+        elif graphed:
+            note = "CUDA graphs: CUDA only"
+            log(f"models inference/training{GRAPH_SUFFIX}: left out: {note}")
+            left_out.append(Row("model", device_name, dtype, "models", "-", "-", args.batch, 0, 0, 3, "", "", "",
+                                "inference/training" + GRAPH_SUFFIX, note=note))
     return cases, left_out
 
 
@@ -476,9 +487,31 @@ def _make_model(case: Case, args, device, dtype):
     return model, x, target, autocast, models.count_flops(model, (args.batch, 3, S, S))
 
 
+GRAPH_SUFFIX = " (CUDA graph)"
+
+
+def _captured(step, warmup: int = 3):
+    """step() captured in a CUDA graph (after warm-up on a side stream, as PyTorch's whole-network
+    capture recipe does); returns the graph's replay."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
 def _time_model(row: Row, case: Case, setup, args, timer: Timer) -> None:
     model, x, target, autocast, forward_flops = setup
-    if case.pass_ == "inference":
+    graphed = case.pass_.endswith(GRAPH_SUFFIX)
+    if graphed and isinstance(autocast, torch.autocast):
+        # autocast's cast cache must be off while capturing (PyTorch's CUDA-graph notes).
+        autocast = torch.autocast(device_type=x.device.type, dtype=autocast.fast_dtype, cache_enabled=False)
+    if case.pass_.startswith("inference"):
         model.eval()
 
         def fn():
@@ -489,18 +522,23 @@ def _time_model(row: Row, case: Case, setup, args, timer: Timer) -> None:
         opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
 
         def fn():
-            opt.zero_grad(set_to_none=True)
+            if not graphed:  # in a graph the gradients stay in its pool, overwritten by each replay
+                opt.zero_grad(set_to_none=True)
             with autocast:
                 loss = F.cross_entropy(model(x), target)
             loss.backward()
             opt.step()
+        if graphed:
+            opt.zero_grad(set_to_none=True)
+    if graphed:
+        fn = _captured(fn)
     # Model steps take tens of ms: a longer do_bench budget gives the quantiles enough samples.
     rep_ms = {"quick": 100, "default": 300, "full": 1500}[timer.mode]
     row.ms_median, row.ms_p20, row.ms_p80 = timer(fn, min_reps=2 if timer.mode == "quick" else 3, rep_ms=rep_ms)
     row.peak_mem_mb = timer.peak_memory_mb(fn)
     seconds = row.ms_median * 1e-3
     row.images_per_s = args.batch / seconds
-    flops = forward_flops * (3 if case.pass_ == "training" else 1)
+    flops = forward_flops * (3 if case.pass_.startswith("training") else 1)
     row.gflop = flops / 1e9
     row.tflops = flops / seconds / 1e12
 
@@ -606,18 +644,21 @@ def target_summary(rows: list[Row], cpu: bool) -> str:
         widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
         lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in table]
     for depth in (26, 50):
-        parts = []
-        for pass_ in ("training", "inference"):
-            sasa = next((r for r in rows if r.section == "model" and r.provider == f"sasa_resnet{depth}(conv stem)"
-                         and r.pass_ == pass_ and r.ms_median is not None), None)
-            conv = next((r for r in rows if r.section == "model" and r.provider == f"resnet{depth}"
-                         and r.pass_ == pass_ and r.ms_median is not None), None)
-            if sasa and conv:
-                value = sasa.images_per_s / conv.images_per_s
-                parts.append(f"{pass_} {value:.2f}x (>= {TARGETS[pass_]}x: "
-                             f"{_verdict(value, TARGETS[pass_], True)})")
-        if parts:
-            lines.append(f"SASA-ResNet-{depth} (conv stem) / ResNet-{depth} images/s: " + ", ".join(parts))
+        for suffix in ("", GRAPH_SUFFIX):
+            parts = []
+            for pass_ in ("training", "inference"):
+                sasa = next((r for r in rows if r.section == "model"
+                             and r.provider == f"sasa_resnet{depth}(conv stem)"
+                             and r.pass_ == pass_ + suffix and r.ms_median is not None), None)
+                conv = next((r for r in rows if r.section == "model" and r.provider == f"resnet{depth}"
+                             and r.pass_ == pass_ + suffix and r.ms_median is not None), None)
+                if sasa and conv:
+                    value = sasa.images_per_s / conv.images_per_s
+                    parts.append(f"{pass_} {value:.2f}x (>= {TARGETS[pass_]}x: "
+                                 f"{_verdict(value, TARGETS[pass_], True)})")
+            if parts:
+                lines.append(f"SASA-ResNet-{depth} (conv stem) / ResNet-{depth} images/s{suffix}: "
+                             + ", ".join(parts))
     if len(lines) == 1 + cpu:
         lines.append("(no rows for them in this run)")
     return "\n".join(lines)

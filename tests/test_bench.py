@@ -119,9 +119,12 @@ def test_default_plan_rows(monkeypatch):
             ("reference", "fwd"), ("reference", "fwd+bwd")}
     assert {k for p, _, k, _ in layer} == {3, 7} and {k for p, _, k, _ in layer if p == "conv3x3"} == {3}
     models = [(c.name, c.pass_) for c in cases if c.section == "model"]
-    assert models == [("resnet50", "inference"), ("resnet50", "training"),
-                      ("sasa_resnet50(conv stem)", "inference"), ("sasa_resnet50(conv stem)", "training")]
-    assert len(cases) == 32
+    eager = [("resnet50", "inference"), ("resnet50", "training"),
+             ("sasa_resnet50(conv stem)", "inference"), ("sasa_resnet50(conv stem)", "training")]
+    # then the same steps captured in CUDA graphs, last
+    assert models == eager + [(name, pass_ + bench.GRAPH_SUFFIX) for name, pass_ in eager]
+    assert [c.section for c in cases[-4:]] == ["model"] * 4 and cases[-1].pass_.endswith(bench.GRAPH_SUFFIX)
+    assert len(cases) == 36
     # The full plan: conv_kxk at k = 3 would be conv3x3 again, so it is left out.
     cases, _ = bench.make_plan(_resolved(["--full"], "cuda"), torch.device("cuda"), "gpu", 3000.0)
     assert not [c for c in cases if c.provider == "conv_kxk" and c.k == 3]
