@@ -490,16 +490,20 @@ def _make_model(case: Case, args, device, dtype):
 GRAPH_SUFFIX = " (CUDA graph)"
 
 
-def _captured(step, warmup: int = 3):
-    """step() captured in a CUDA graph (after warm-up on a side stream, as PyTorch's whole-network
-    capture recipe does); returns the graph's replay."""
+def _captured(step, prepare=lambda: None, warmup: int = 3):
+    """step() captured in a CUDA graph, as PyTorch's whole-network capture recipe does: warm-up
+    steps on a side stream, prepare() before each of them and before the capture (a training step
+    sets the gradients to None there, so the captured backward allocates them in the graph's pool
+    and each replay overwrites them). Returns the graph's replay."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         for _ in range(warmup):
+            prepare()
             step()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
+    prepare()
     with torch.cuda.graph(graph):
         step()
     return graph.replay
@@ -511,6 +515,7 @@ def _time_model(row: Row, case: Case, setup, args, timer: Timer) -> None:
     if graphed and isinstance(autocast, torch.autocast):
         # autocast's cast cache must be off while capturing (PyTorch's CUDA-graph notes).
         autocast = torch.autocast(device_type=x.device.type, dtype=autocast.fast_dtype, cache_enabled=False)
+    prepare = lambda: None  # noqa: E731
     if case.pass_.startswith("inference"):
         model.eval()
 
@@ -521,17 +526,20 @@ def _time_model(row: Row, case: Case, setup, args, timer: Timer) -> None:
         model.train()
         opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
 
-        def fn():
-            if not graphed:  # in a graph the gradients stay in its pool, overwritten by each replay
-                opt.zero_grad(set_to_none=True)
+        def prepare():
+            opt.zero_grad(set_to_none=True)
+
+        def step():
             with autocast:
                 loss = F.cross_entropy(model(x), target)
             loss.backward()
             opt.step()
-        if graphed:
-            opt.zero_grad(set_to_none=True)
+
+        def fn():
+            prepare()
+            step()
     if graphed:
-        fn = _captured(fn)
+        fn = _captured(step if case.pass_.startswith("training") else fn, prepare)
     # Model steps take tens of ms: a longer do_bench budget gives the quantiles enough samples.
     rep_ms = {"quick": 100, "default": 300, "full": 1500}[timer.mode]
     row.ms_median, row.ms_p20, row.ms_p80 = timer(fn, min_reps=2 if timer.mode == "quick" else 3, rep_ms=rep_ms)

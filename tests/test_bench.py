@@ -1,4 +1,5 @@
 """The benchmark harness (`python -m sasa_triton.bench`) and its FlexAttention baseline."""
+import contextlib
 import csv
 import os
 import subprocess
@@ -334,3 +335,81 @@ def test_default_plan_cli_on_gpu(tmp_path):
     models = {(r["provider"], r["pass"]): r for r in rows if r["section"] == "model"}
     assert all(models[(m, p)]["ms_median"] is not None for m in ("resnet50", "sasa_resnet50(conv stem)")
                for p in ("inference", "training")), models
+
+
+def test_cuda_graph_training_step_follows_the_capture_recipe(monkeypatch):
+    """The graphed model rows (CUDA only) as PyTorch's whole-network capture recipe has them:
+    warm-up steps on a side stream with the gradients set to None before each, None again before
+    the capture, one step captured, and the timer given the graph's replay. Checked on the CPU
+    with torch.cuda's stream and graph calls recorded instead of run."""
+    events = []
+
+    class Graph:
+        def replay(self):
+            events.append("replay")
+
+    class Capture:
+        def __init__(self, graph):
+            pass
+
+        def __enter__(self):
+            events.append("capture begins")
+
+        def __exit__(self, *exc):
+            events.append("capture ends")
+
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    class Context:
+        def __init__(self, stream):
+            pass
+
+        def __enter__(self):
+            events.append("side stream")
+
+        def __exit__(self, *exc):
+            events.append("main stream")
+
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "stream", Context)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: Stream())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "graph", Capture)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(10))
+    x, target = torch.randn(2, 3, 8, 8), torch.tensor([1, 2])
+    model(x)
+    original_step = torch.optim.SGD.step
+
+    def step(self, *args, **kwargs):
+        events.append("step" if all(p.grad is not None for p in self.param_groups[0]["params"]) else "step without grads")
+        return original_step(self, *args, **kwargs)
+
+    def zero_grad(self, set_to_none=True):
+        assert set_to_none
+        for p in self.param_groups[0]["params"]:
+            p.grad = None
+        events.append("grads None")
+
+    monkeypatch.setattr(torch.optim.SGD, "step", step)
+    monkeypatch.setattr(torch.optim.SGD, "zero_grad", zero_grad)
+    class Timer:
+        mode = "quick"
+
+        def __call__(self, fn, **kwargs):
+            fn()
+            return 1.0, 0.9, 1.1
+
+        def peak_memory_mb(self, fn):
+            return None
+
+    timer = Timer()
+    case = bench.Case("model", "resnet26", "8x8", 8, 3, "", "training" + bench.GRAPH_SUFFIX)
+    row = bench.Row("model", "cpu", "fp32", "resnet26", "-", "8x8", 2, 8, 8, 3, "", "", "", case.pass_)
+    args = type("Args", (), {"batch": 2})()
+    bench._time_model(row, case, (model, x, target, contextlib.nullcontext(), 1e6), args, timer)
+    warm = ["grads None", "step"] * 3
+    assert events == ["side stream", *warm, "main stream", "grads None", "capture begins", "step", "capture ends",
+                      "replay"]
+    assert row.ms_median == 1.0 and row.images_per_s == 2 / 1e-3
