@@ -1,7 +1,8 @@
 """Where an op call's time goes on a GPU (bf16, k 7, 8 heads, B 32, default configs): do_bench of
 the forward with q/k/v as views of one interleaved qkv tensor and as separate contiguous tensors,
 wall time per call (enqueue only, and until the GPU finishes), a CUDA-graph replay of the same
-calls (the kernels without the host), and torch.profiler's top host and device entries.
+calls (the kernels without the host: forward, and forward+backward), and torch.profiler's top host
+and device entries.
 
     SASA_TRITON_AUTOTUNE=0 python bench/gpu_host_profile.py [--profile]
 """
@@ -48,7 +49,7 @@ def graph_us(fn, calls=50):
     return do_bench(graph.replay, rep=200) * 1e3 / calls
 
 
-for HW, C in ((28, 128), (14, 256), (7, 512)):
+for HW, C in ((56, 64), (28, 128), (14, 256), (7, 512)):
     heads, D = 8, C // 8
     qkv = torch.randn(32, HW, HW, 3, heads, D, device=dev, dtype=torch.bfloat16)
     views = qkv.unbind(3)
@@ -72,6 +73,10 @@ for HW, C in ((28, 128), (14, 256), (7, 512)):
     enq, tot = per_call_us(both, 100)
     line.append(f"fwd+bwd do_bench {do_bench(both, rep=100) * 1e3:.1f} us, per call enqueue {enq:.1f} us, "
                 f"to finish {tot:.1f} us")
+    try:  # the device's time for forward+backward: issue 12's fwd+bwd / fwd without the host
+        line.append(f"fwd+bwd graph replay {graph_us(both, calls=20):.1f} us")
+    except Exception as error:  # noqa: BLE001
+        line.append(f"fwd+bwd graph capture failed: {type(error).__name__}: {str(error)[:120]}")
     print("; ".join(line), flush=True)
     if "--profile" in sys.argv and HW in (28, 7):
         from torch.profiler import ProfilerActivity, profile
