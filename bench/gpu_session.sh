@@ -47,7 +47,7 @@ if [[ "$what" == check || "$what" == all ]]; then
   stamp "autotune rc=$?"; tail -n 8 "$OUT/autotune.log"
   timeout 70 python bench/gpu_quick_check.py --timing-only >>"$OUT/quick.log" 2>&1
   stamp "timing rc=$?"; sed -n '/median ms/,$p' "$OUT/quick.log"
-  timeout 120 python bench/gpu_host_profile.py >>"$OUT/quick.log" 2>  timeout 90 python bench/gpu_host_profile.py >>"$OUT/quick.log" 2>&11
+  timeout 120 python bench/gpu_host_profile.py >>"$OUT/quick.log" 2>&1
   stamp "host profile rc=$?"; grep -E "^[0-9]+x[0-9]+x" "$OUT/quick.log"
   if command -v ncu >/dev/null; then
     for shape in "32 56 56 8 8" "32 7 7 8 64"; do
