@@ -17,6 +17,7 @@ import torch  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
 import sasa_triton  # noqa: E402
+from sasa_triton.bench import _captured  # noqa: E402
 
 dev = "cuda"
 
@@ -36,17 +37,8 @@ def per_call_us(fn, calls=300):
 
 def graph_us(fn, calls=50):
     """Replay time of `calls` calls captured in one CUDA graph, per call: the device's time alone."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    return do_bench(graph.replay, rep=200) * 1e3 / calls
+    replay = _captured(lambda: [fn() for _ in range(calls)])  # the benchmark's capture recipe
+    return do_bench(replay, rep=200) * 1e3 / calls
 
 
 for HW, C in ((56, 64), (28, 128), (14, 256), (7, 512)):

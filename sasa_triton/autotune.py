@@ -273,6 +273,26 @@ class Problem:
     def _launch(self, config, fill):
         raise NotImplementedError
 
+    # Shared by the op families: self.op has _fwd(*self.args, y=, lse=, config=); a backward
+    # key's _setup ran the forward at its default and set self.dy and self.grads.
+
+    def _forward(self, config, fill) -> dict:
+        if fill:
+            _nan(self.y), _nan(self.lse)
+        self.op._fwd(*self.args, y=self.y, lse=self.lse, config=config)
+        return {"y": self.y, "lse": self.lse}
+
+    def _backward_configs(self, config, fill) -> tuple[dict, dict]:
+        """(dq config, dk/dv config): `config` for the kernel being tuned, the default for the
+        other one; the gradient buffers poisoned first when fill."""
+        if fill:
+            for g in self.grads:
+                _nan(g)
+        prefix = self.task.kernel.rsplit("_bwd_", 1)[0]
+        dq, dkdv = (config if self.task.kernel.endswith(suffix) else self.default(f"{prefix}_bwd{suffix}")
+                    for suffix in ("_dq", "_dkdv"))
+        return dq, dkdv
+
 
 class LocalProblem(Problem):
     """local_fwd / local_bwd_dq / local_bwd_dkdv: "zeros" padding with shared relative tables, and
@@ -298,15 +318,8 @@ class LocalProblem(Problem):
 
     def _launch(self, config, fill):
         if self.task.kernel == "local_fwd":
-            if fill:
-                _nan(self.y), _nan(self.lse)
-            self.op._fwd(*self.args, y=self.y, lse=self.lse, config=config)
-            return {"y": self.y, "lse": self.lse}
-        if fill:
-            for g in self.grads:
-                _nan(g)
-        dq_config = config if self.task.kernel == "local_bwd_dq" else self.default("local_bwd_dq")
-        dkdv_config = config if self.task.kernel == "local_bwd_dkdv" else self.default("local_bwd_dkdv")
+            return self._forward(config, fill)
+        dq_config, dkdv_config = self._backward_configs(config, fill)
         q, k, v, rel_rows, rel_cols, kernel_size, dilation, scale, padding = self.args
         dq, dk, dv, drel_rows, drel_cols = self.op._bwd(q, k, v, rel_rows, rel_cols, self.y, self.lse, self.dy,
                                                         kernel_size, dilation, scale, padding, grads=self.grads,
@@ -337,16 +350,8 @@ class StemProblem(Problem):
 
     def _launch(self, config, fill):
         if self.task.kernel.endswith("_fwd"):
-            if fill:
-                _nan(self.y), _nan(self.lse)
-            self.op._fwd(*self.args, y=self.y, lse=self.lse, config=config)
-            return {"y": self.y, "lse": self.lse}
-        if fill:
-            for g in self.grads:
-                _nan(g)
-        name = f"spatial_{self.window}"
-        dq_config = config if self.task.kernel.endswith("_dq") else self.default(f"{name}_bwd_dq")
-        dkdv_config = config if self.task.kernel.endswith("_dkdv") else self.default(f"{name}_bwd_dkdv")
+            return self._forward(config, fill)
+        dq_config, dkdv_config = self._backward_configs(config, fill)
         q, k, values, mix, bs, scale, window, padding = self.args
         dq, dk, dvalues, dmix = self.op._bwd(q, k, values, mix, self.y, self.lse, self.dy, bs, scale, window,
                                              padding, grads=self.grads, config_dq=dq_config,

@@ -6,6 +6,7 @@ flash-attention's tests do); `reference_in_dtype` computes that PyTorch result.
 """
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -136,3 +137,14 @@ KNOWN_SPILLS = {
 def known_spill_bytes(triton_version: str, kernel: str, head_dim) -> int:
     """The spill bytes allowed for `kernel` at `head_dim` on this Triton (major.minor): 0 unless listed."""
     return KNOWN_SPILLS.get((triton_version, kernel, head_dim), 0)
+
+
+# Bad options shared by the stem ops (spatial_attention2d, attention_stem2d), checked by the same
+# argument checks: (overrides, error type, message) as in each file's BAD_INPUTS.
+STEM_OPTION_ERRORS = [
+    pytest.param(dict(block_size=2.0), TypeError, "block_size must be an int", id="block_size-float"),
+    pytest.param(dict(scale="1"), TypeError, "scale must be a float", id="scale-str"),
+    pytest.param(dict(window="global"), ValueError, "window must be one of", id="window"),
+    pytest.param(dict(padding="reflect"), ValueError, "padding must be one of", id="padding"),
+    pytest.param(dict(backend="cuda"), ValueError, "backend must be one of", id="backend"),
+]

@@ -17,7 +17,7 @@ from sasa_triton.ops.attention_stem import _bwd, _fwd, stem_tables
 from sasa_triton.reference import attention_stem2d as reference
 from sasa_triton.reference import spatial_attention2d as spatial_reference
 
-from helpers import assert_close
+from helpers import STEM_OPTION_ERRORS, assert_close
 
 GRAD_NAMES = ["x", "w_q", "w_k", "w_v", "emb_row", "emb_col", "nu"]
 
@@ -256,11 +256,7 @@ BAD_INPUTS = [
                  id="mix-int"),
     pytest.param(dict(heads=3), ValueError, r"heads \(3\) must divide C_out \(8", id="heads"),
     pytest.param(dict(heads=0), ValueError, "heads must be >= 1", id="heads-0"),
-    pytest.param(dict(block_size=2.0), TypeError, "block_size must be an int", id="block_size-float"),
-    pytest.param(dict(scale="1"), TypeError, "scale must be a float", id="scale-str"),
-    pytest.param(dict(window="global"), ValueError, "window must be one of", id="window"),
-    pytest.param(dict(padding="reflect"), ValueError, "padding must be one of", id="padding"),
-    pytest.param(dict(backend="cuda"), ValueError, "backend must be one of", id="backend"),
+    *STEM_OPTION_ERRORS,
 ]
 
 

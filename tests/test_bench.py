@@ -348,35 +348,21 @@ def test_cuda_graph_training_step_follows_the_capture_recipe(monkeypatch):
         def replay(self):
             events.append("replay")
 
-    class Capture:
-        def __init__(self, graph):
-            pass
-
-        def __enter__(self):
-            events.append("capture begins")
-
-        def __exit__(self, *exc):
-            events.append("capture ends")
+    @contextlib.contextmanager
+    def recorded(begin, end, _arg):
+        events.append(begin)
+        yield
+        events.append(end)
 
     class Stream:
         def wait_stream(self, other):
             pass
 
-    class Context:
-        def __init__(self, stream):
-            pass
-
-        def __enter__(self):
-            events.append("side stream")
-
-        def __exit__(self, *exc):
-            events.append("main stream")
-
     monkeypatch.setattr(torch.cuda, "Stream", Stream)
-    monkeypatch.setattr(torch.cuda, "stream", Context)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: recorded("side stream", "main stream", s))
     monkeypatch.setattr(torch.cuda, "current_stream", lambda: Stream())
     monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
-    monkeypatch.setattr(torch.cuda, "graph", Capture)
+    monkeypatch.setattr(torch.cuda, "graph", lambda g: recorded("capture begins", "capture ends", g))
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(10))
     x, target = torch.randn(2, 3, 8, 8), torch.tensor([1, 2])
     model(x)

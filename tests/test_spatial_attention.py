@@ -10,7 +10,7 @@ import sasa_triton
 from sasa_triton.ops.spatial_attention import _bwd, _fwd
 from sasa_triton.reference import spatial_attention2d as reference
 
-from helpers import assert_close
+from helpers import STEM_OPTION_ERRORS, assert_close
 
 
 def direct_definition(q, k, values, mix, block_size, scale, window, padding):
@@ -297,11 +297,7 @@ BAD_INPUTS = [
     pytest.param(dict(mix=torch.full((2, 2), 0.5)), ValueError, "mix must have rank 3", id="mix-rank"),
     pytest.param(dict(mix=torch.ones(2, 2, 3, dtype=torch.int64)), TypeError, "mix must be a floating", id="mix-int"),
     pytest.param(dict(block_size=0), ValueError, "block_size must be >= 1", id="block_size-0"),
-    pytest.param(dict(block_size=2.0), TypeError, "block_size must be an int", id="block_size-float"),
-    pytest.param(dict(scale="1"), TypeError, "scale must be a float", id="scale-str"),
-    pytest.param(dict(window="global"), ValueError, "window must be one of", id="window"),
-    pytest.param(dict(padding="reflect"), ValueError, "padding must be one of", id="padding"),
-    pytest.param(dict(backend="cuda"), ValueError, "backend must be one of", id="backend"),
+    *STEM_OPTION_ERRORS,
 ]
 
 
