@@ -12,6 +12,7 @@
 #   $OUT/tuned.json), the stage timings against cuDNN's 3x3 conv, bench/gpu_host_profile.py
 #   (host vs kernel time per call) and Nsight Compute on the three local kernels.
 # bench (~5 min): the README's main command, `python -m sasa_triton.bench`, time-boxed.
+# verify (~9.5 min): check's suite and quick check, then bench (no tuner, timings or ncu).
 #
 # Seen on an H200 VM (2026-11-29): the whole suite takes about 5 minutes of 16 workers, most of
 # it compiling (the 72-case GPU grid compiles three kernels per case), so a 15-minute lease does
@@ -33,7 +34,7 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,utilization.gpu
 t0=$SECONDS
 stamp() { echo "[$((SECONDS - t0)) s] $*"; }
 
-if [[ "$what" == check || "$what" == all ]]; then
+if [[ "$what" == check || "$what" == all || "$what" == verify ]]; then
   stamp "suite + quick correctness (parallel)"
   timeout -s INT "${SUITE_S:-300}" python -m pytest -q -p no:cacheprovider -n "${SUITE_WORKERS:-14}" \
     --timeout 200 --durations 15 -rfE --junitxml="$OUT/junit.xml" ${SUITE_FILES:-tests --ignore tests/test_notebooks.py} \
@@ -42,6 +43,9 @@ if [[ "$what" == check || "$what" == all ]]; then
   timeout 240 python bench/gpu_quick_check.py --no-timing >"$OUT/quick.log" 2>&1
   stamp "quick correctness rc=$?"; grep -E "BAD|MISMATCH|correctness" "$OUT/quick.log"
   wait $suite; stamp "suite rc=$?"; tail -n 25 "$OUT/pytest.log"
+fi
+
+if [[ "$what" == check || "$what" == all ]]; then
   stamp "autotune (alone on the GPU)"
   timeout 170 python -m sasa_triton.autotune --output "$OUT/tuned.json" --force >"$OUT/autotune.log" 2>&1
   stamp "autotune rc=$?"; tail -n 8 "$OUT/autotune.log"
@@ -59,14 +63,15 @@ if [[ "$what" == check || "$what" == all ]]; then
   fi
 fi
 
-if [[ "$what" == bench || "$what" == all ]]; then
+if [[ "$what" == bench || "$what" == all || "$what" == verify ]]; then
   stamp "README main command"
   ( time timeout "${BENCH_S:-300}" python -m sasa_triton.bench --out "$OUT/bench" ) >"$OUT/bench.log" 2>&1
   stamp "bench rc=$?"; tail -n 45 "$OUT/bench.log"
+  [[ "$what" != bench ]] && tar czf "$OUT/bench.tgz" -C "$OUT" bench && rm -rf "$OUT/bench"  # 8 files come back
 fi
 
 size_kb=$(du -sk .triton_cache 2>/dev/null | cut -f1)
-if [[ "$what" != bench && -n "$size_kb" ]]; then
+if [[ "$what" != bench && "$what" != verify && -n "$size_kb" ]]; then
   tar czf "$OUT/triton_cache.tgz" .triton_cache
   if [[ $(du -k "$OUT/triton_cache.tgz" | cut -f1) -gt 15500 ]]; then  # 16 MiB a file comes back
     rm -f "$OUT/triton_cache.tgz"; stamp "Triton cache (${size_kb} KB) too large to bring back"
