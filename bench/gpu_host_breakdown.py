@@ -1,0 +1,130 @@
+"""Where the host time of one forward+backward op call goes on a GPU machine (issue 12): the
+eager call takes about 1 ms on the lent H200 VM against 29 us for a forward under no_grad, and
+the CPU benchmark with the launches stubbed (python -m sasa_triton.bench_host) cannot see the
+CUDA side (Triton's launcher, the driver, the caching allocator, the autograd engine's device
+thread). Every figure is the wall time to enqueue one call (the fastest of 5 rounds, the GPU
+synchronised between rounds) at a shape whose kernels are short (B 32, 7x7, 8 heads, D 64, bf16,
+k 7, default configs), then cProfile of the direct launches.
+
+    SASA_TRITON_AUTOTUNE=0 python bench/gpu_host_breakdown.py
+
+A dry run of the script's logic without a GPU (tiny, interpreted, timings meaningless):
+TRITON_INTERPRET=1 HOST_BREAKDOWN_DRY=1 python bench/gpu_host_breakdown.py
+"""
+import cProfile
+import io
+import os
+import pstats
+import sys
+import time
+
+os.environ.setdefault("SASA_TRITON_AUTOTUNE", "0")
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import torch  # noqa: E402
+
+import sasa_triton  # noqa: E402
+from sasa_triton.bench_host import measure  # noqa: E402
+from sasa_triton.ops import local_attention as op  # noqa: E402
+
+DRY = os.environ.get("HOST_BREAKDOWN_DRY") == "1"
+dev = "cpu" if DRY else "cuda"
+sync = (lambda: None) if DRY else torch.cuda.synchronize
+
+
+def enqueue_us(fn, calls=200, rounds=5):
+    if DRY:
+        calls, rounds = 1, 1
+    for _ in range(1 if DRY else 20):
+        fn()
+    sync()
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        best = min(best, (time.perf_counter() - start) / calls * 1e6)
+        sync()
+    return best
+
+
+B, H, W, heads, D, k = (1 if DRY else 32), 7, 7, 8, 64, 7
+qkv = torch.randn(B, H, W, 3, heads, D, device=dev, dtype=torch.bfloat16)
+q, key, v = (t.contiguous() for t in qkv.unbind(3))
+rel_rows, rel_cols = torch.randn(k, D // 2, device=dev), torch.randn(k, D - D // 2, device=dev)
+options = (k, 1, 1.0, "zeros")
+y, lse = op._fwd(q, key, v, rel_rows, rel_cols, *options)
+dy = torch.randn_like(y)
+rows = []
+
+
+def row(name, fn, calls=200):
+    us = enqueue_us(fn, calls)
+    rows.append((name, us))
+    print(f"{name:<72} {us:8.1f} us", flush=True)
+
+
+print("cpu (dry run)" if DRY else torch.cuda.get_device_name(), "torch", torch.__version__, "triton", __import__("triton").__version__)
+print(f"enqueue wall time per call, B {B} {H}x{W} heads {heads} D {D} bf16 k {k}")
+small = torch.zeros(1024, device=dev)
+row("torch: small.add_(1) (one PyTorch kernel launch)", lambda: small.add_(1))
+row("torch: torch.empty_like(q)", lambda: torch.empty_like(q))
+row("torch: 3 x torch.empty_like(q)", lambda: [torch.empty_like(q) for _ in range(3)])
+plan_fwd = op._plan("local_fwd", q, k, 1, "zeros", rel_rows)
+fwd_args = op._fwd_args(q, key, v, rel_rows, rel_cols, y, lse, 1.0, plan_fwd)
+row("triton: forward kernel launch alone (prepared args)",
+    lambda: op._launch(op._local_attn_fwd_kernel, plan_fwd.grid, fwd_args, plan_fwd.meta))
+plan_dq = op._plan("local_bwd_dq", q, k, 1, "zeros", rel_rows)
+plan_dkdv = op._plan("local_bwd_dkdv", q, k, 1, "zeros", rel_rows)
+inputs, sizes, dy_c = op._bwd_args(q, key, v, rel_rows, rel_cols, dy, 1.0)
+delta = torch.empty_like(lse)
+dq, dk, dv = (torch.empty_like(q) for _ in range(3))
+drel = torch.empty((plan_dq.programs, k, D), device=dev)
+row("triton: dq kernel launch alone (prepared args)",
+    lambda: op._launch(op._local_attn_bwd_dq_kernel, plan_dq.grid, (*inputs, y, dy_c, lse, delta, dq, drel, *sizes),
+                       plan_dq.meta))
+row("triton: dk/dv kernel launch alone (prepared args)",
+    lambda: op._launch(op._local_attn_bwd_dkdv_kernel, plan_dkdv.grid,
+                       (*inputs, dy_c, lse, delta, dk, dv, *sizes), plan_dkdv.meta))
+row("torch: drel.sum(0) (the table-gradient sum)", lambda: drel.sum(0))
+with torch.no_grad():
+    row("op: local_attention2d under no_grad", lambda: sasa_triton.local_attention2d(q, key, v, rel_rows, rel_cols))
+row("op: _fwd direct (no autograd)", lambda: op._fwd(q, key, v, rel_rows, rel_cols, *options))
+row("op: _bwd direct (no autograd)", lambda: op._bwd(q, key, v, rel_rows, rel_cols, y, lse, dy, *options))
+leaves = [t.detach().clone().requires_grad_(True) for t in (q, key, v, rel_rows, rel_cols)]
+row("op: forward with grad (Function.apply), no backward",
+    lambda: sasa_triton.local_attention2d(*leaves))
+row("op: forward + torch.autograd.grad", lambda: torch.autograd.grad(sasa_triton.local_attention2d(*leaves), leaves, dy),
+    calls=50)
+
+
+class Floor(torch.autograd.Function):  # PyTorch's floor: allocations only, no launches
+    @staticmethod
+    def forward(ctx, q, k, v, rel_rows, rel_cols):
+        ctx.save_for_backward(q)
+        return torch.empty_like(q)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (q,) = ctx.saved_tensors
+        return (*(torch.empty_like(q) for _ in range(3)), None, None)
+
+
+row("floor: empty autograd.Function forward + torch.autograd.grad",
+    lambda: torch.autograd.grad(Floor.apply(*leaves), leaves[:3], dy), calls=50)
+if not DRY:
+    result = measure((B, H, W, heads, D), k, 400, device="cuda", stub=False, dtype_name="bfloat16")
+    print("sasa_triton.bench_host --gpu at this shape:", result, flush=True)
+
+profile = cProfile.Profile()
+sync()
+profile.enable()
+for _ in range(2 if DRY else 100):
+    op._fwd(q, key, v, rel_rows, rel_cols, *options)
+    op._bwd(q, key, v, rel_rows, rel_cols, y, lse, dy, *options)
+profile.disable()
+sync()
+text = io.StringIO()
+pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(25)
+print("cProfile of 100 direct _fwd + _bwd calls (main thread), by own time:")
+print(text.getvalue(), flush=True)
