@@ -156,6 +156,21 @@ def test_layer_under_autocast_runs_in_the_autocast_dtype(x_dtype):
     assert rms < 3e-2, rms
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's bf16 detour (CPU only)")
+def test_triton_layer_under_cpu_autocast_bf16():
+    """Under the interpreter the bf16 op computes in fp32; CPU autocast must not cast those fp32
+    copies back to bf16 (that recursed without end)."""
+    torch.manual_seed(0)
+    layer = SelfAttention2d(4, 8, kernel_size=3, heads=2, backend="triton")
+    x = torch.randn(1, 4, 5, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    assert out.dtype == torch.bfloat16
+    expected = manual_layer(layer, x)
+    rms = ((out.double() - expected).square().mean() / expected.square().mean()).sqrt()
+    assert rms < 3e-2, rms
+
+
 def _ok():
     q = torch.randn(1, 4, 4, 2, 8)
     return dict(q=q, k=q.clone(), v=q.clone(), rel_rows=torch.randn(3, 4), rel_cols=torch.randn(3, 4), kernel_size=3)

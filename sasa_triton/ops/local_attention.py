@@ -829,10 +829,12 @@ def local_attention2d(q, k, v, rel_rows=None, rel_cols=None, kernel_size=7, dila
     scale = float(scale)
     if _INTERPRET and q.dtype == torch.bfloat16:
         # Triton's CPU interpreter computes bfloat16 wrongly (values of order 1e8 where 3 is
-        # right): compute in float32 there and round the result to bfloat16.
+        # right): compute in float32 there and round the result to bfloat16 (with autocast off,
+        # which would otherwise cast the float32 copies back to bfloat16, and so on forever).
         q32, k32, v32 = q.float(), k.float(), v.float()
-        return local_attention2d(q32, k32, v32, rel_rows, rel_cols, kernel_size, dilation, scale, padding,
-                                 backend).to(torch.bfloat16)
+        with torch.autocast(q.device.type, enabled=False):
+            y = local_attention2d(q32, k32, v32, rel_rows, rel_cols, kernel_size, dilation, scale, padding, backend)
+        return y.to(torch.bfloat16)
     if _traced(q):
         return _local_attention2d_fwd(q, k, v, rel_rows, rel_cols, kernel_size, dilation, scale, padding)[0]
     if not torch.is_grad_enabled() or not (q.requires_grad or k.requires_grad or v.requires_grad or (
