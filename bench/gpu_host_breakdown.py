@@ -97,6 +97,38 @@ row("op: forward with grad (Function.apply), no backward",
 row("op: forward + torch.autograd.grad", lambda: torch.autograd.grad(sasa_triton.local_attention2d(*leaves), leaves, dy),
     calls=50)
 
+# Where the autograd engine's share goes: the backward on the calling thread instead of the
+# engine's CUDA device thread, and leaves accumulating .grad instead of autograd.grad.
+if hasattr(torch.autograd, "set_multithreading_enabled"):
+    with torch.autograd.set_multithreading_enabled(False):
+        row("op: forward + torch.autograd.grad, autograd multithreading off",
+            lambda: torch.autograd.grad(sasa_triton.local_attention2d(*leaves), leaves, dy), calls=50)
+
+
+def forward_backward_accumulate():
+    for t in leaves:
+        t.grad = None
+    sasa_triton.local_attention2d(*leaves).backward(dy)
+
+
+row("op: forward + y.backward(dy) (leaves accumulate .grad)", forward_backward_accumulate, calls=50)
+
+
+class Direct(torch.autograd.Function):  # our kernels behind the thinnest Function
+    @staticmethod
+    def forward(ctx, q, k, v, rel_rows, rel_cols):
+        y, lse = op._fwd(q, k, v, rel_rows, rel_cols, *options)
+        ctx.save_for_backward(q, k, v, rel_rows, rel_cols, y, lse)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        return op._bwd(*ctx.saved_tensors, dy, *options)
+
+
+row("op kernels behind a bare autograd.Function + torch.autograd.grad",
+    lambda: torch.autograd.grad(Direct.apply(*leaves), leaves, dy), calls=50)
+
 
 class Floor(torch.autograd.Function):  # PyTorch's floor: allocations only, no launches
     @staticmethod
