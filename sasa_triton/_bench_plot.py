@@ -47,8 +47,10 @@ RESULT_FOLDERS = ("bench_out", "bench_out_full", "bench_out_quick", "bench_out_f
 def find_results(start: str = ".") -> str | None:
     """The results.csv to show: $SASA_BENCH_CSV when set, else the newest results.csv of the
     benchmark's output folders (RESULT_FOLDERS) in `start` or the nearest folder above it that has
-    one, up to the project root (the first folder with a pyproject.toml or .git). A notebook runs
-    in notebooks/, the README's command writes bench_out/ at the repository root. None if none."""
+    one, up to the project root (the first folder with a pyproject.toml or .git); else, at that
+    root, the newest recorded run under bench/results/<date>-<card>/ (the GPU runs of
+    bench/RESULTS.md; newest by folder name). A notebook runs in notebooks/, the README's command
+    writes bench_out/ at the repository root. None if none."""
     if os.environ.get("SASA_BENCH_CSV"):
         return os.environ["SASA_BENCH_CSV"]
     folder = os.path.abspath(start)
@@ -59,8 +61,12 @@ def find_results(start: str = ".") -> str | None:
             return max(found, key=os.path.getmtime)
         parent = os.path.dirname(folder)
         if parent == folder or any(os.path.exists(os.path.join(folder, m)) for m in ("pyproject.toml", ".git")):
-            return None
+            break
         folder = parent
+    recorded = os.path.join(folder, "bench", "results")
+    runs = sorted(name for name in (os.listdir(recorded) if os.path.isdir(recorded) else ())
+                  if os.path.isfile(os.path.join(recorded, name, "results.csv")))
+    return os.path.join(recorded, runs[-1], "results.csv") if runs else None
 
 
 def _plt():

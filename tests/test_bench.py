@@ -220,6 +220,12 @@ def test_find_results_searches_up_to_the_project_root(tmp_path, monkeypatch):
     (root / "notebooks").mkdir(parents=True)
     (root / "pyproject.toml").write_text("")
     assert find_results(root / "notebooks") is None  # stops at the project root
+    for run in ("2026-11-29-H200", "2026-11-30-H200", "2026-12-01-empty"):  # recorded GPU runs
+        (root / "bench" / "results" / run).mkdir(parents=True)
+    for run in ("2026-11-29-H200", "2026-11-30-H200"):
+        (root / "bench" / "results" / run / "results.csv").write_text("section\n")
+    recorded = root / "bench" / "results" / "2026-11-30-H200" / "results.csv"
+    assert find_results(root / "notebooks") == str(recorded)  # the newest with a results.csv
     for name, age in (("bench_out", 100), ("bench_out_quick", 0)):
         (root / name).mkdir()
         (root / name / "results.csv").write_text("section\n")
