@@ -613,7 +613,8 @@ def _describe(config: dict) -> str:
 
 def tune(tasks: list[Task], *, time_candidates: bool = True, prune: bool = True, compile_ahead: bool = True,
          problem: type | None = None, timeout: float = SILENCE_TIMEOUT_S, candidates_per_child: int | None = None,
-         compile_workers: int | None = None, log=None, verbose: bool = False) -> list[KeyResult]:
+         compile_workers: int | None = None, log=None, verbose: bool = False,
+         on_key=None) -> list[KeyResult]:
     """Tune every task in child processes; returns a KeyResult per task, in order.
 
     time_candidates: time the accepted candidates (False: validation only, as the candidate
@@ -622,9 +623,12 @@ def tune(tasks: list[Task], *, time_candidates: bool = True, prune: bool = True,
     to use instead of the family's (picklable: tests inject faulty launchers with it).
     timeout: seconds a child may stay silent before it is killed (its candidate: a fault).
     candidates_per_child: start a fresh child after this many candidates (1: each candidate alone).
-    log(line): progress lines (default: stderr).
+    log(line): progress lines (default: stderr). on_key(result): called with each KeyResult as
+    its key finishes (the command writes it to the tuned file then, so an interrupted run keeps
+    the keys it finished).
     """
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+    on_key = on_key or (lambda result: None)
     results = [KeyResult(task, task.configs()) for task in tasks]
     pending = list(range(len(tasks)))
     options = {"time": time_candidates, "prune": prune, "compile": compile_ahead,
@@ -686,6 +690,7 @@ def tune(tasks: list[Task], *, time_candidates: bool = True, prune: bool = True,
                 finished += 1
                 if kind == "end":
                     _log_key(log, results[index])
+                on_key(results[index])
                 current, in_flight = None, None
             elif kind == "yield":
                 expected_exit = True
@@ -705,6 +710,7 @@ def tune(tasks: list[Task], *, time_candidates: bool = True, prune: bool = True,
             results[index].error = f"the child process {why} before tuning it"
             finished += 1
             log(f"[{finished}/{len(tasks)}] {results[index].key}: {results[index].error}; keeps its default")
+            on_key(results[index])
         elif in_flight is not None:
             results[current].results[in_flight] = {"status": "fault", "ms": None, "errors": {},
                                                    "reason": f"the child process {why} running it"}
@@ -716,6 +722,7 @@ def tune(tasks: list[Task], *, time_candidates: bool = True, prune: bool = True,
             pending.remove(current)
             finished += 1
             log(f"    key failed, keeps its default: {results[current].error}")
+            on_key(results[current])
     return results
 
 
@@ -851,17 +858,24 @@ def main(argv=None, prog=None) -> int:
     print(f"sasa_triton.autotune: {where}, Triton {tuning.triton_version()}, {len(tasks)} keys, "
           f"each in a child process", file=sys.stderr, flush=True)
     start = time.time()
-    results = tune(tasks, timeout=args.timeout, verbose=args.verbose)
-    entries = {r.key: r.entry() for r in results if r.entry() is not None}
+    written = []
+
+    def save(result: KeyResult) -> None:
+        """Each key is written as it finishes: a run stopped midway (Ctrl-C, a time limit) keeps
+        the keys it finished, and a rerun without --force goes on from there."""
+        if result.entry() is not None:
+            written.append(tuning.save_tuned(path, {result.key: result.entry()}))
+
+    results = tune(tasks, timeout=args.timeout, verbose=args.verbose, on_key=save)
     failed = [r for r in results if r.entry() is None]
     for r in failed:
         print(f"sasa_triton.autotune: {r.key} keeps its default config: {r.error or 'no accepted config'}",
               file=sys.stderr)
-    if not entries:
+    if not written:
         print("sasa_triton.autotune: nothing was tuned", file=sys.stderr)
         return 1 if failed else 0
-    path = tuning.save_tuned(path, entries)
-    print(f"sasa_triton.autotune: {len(entries)} configs written to {path} ({time.time() - start:.0f} s)",
+    path = written[-1]
+    print(f"sasa_triton.autotune: {len(written)} configs written to {path} ({time.time() - start:.0f} s)",
           file=sys.stderr)
     print(path)
     return 1 if failed else 0

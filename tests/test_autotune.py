@@ -395,6 +395,26 @@ def test_cli_under_interpreter_writes_a_loadable_file(tmp_path, monkeypatch):
     assert again.returncode == 0 and "6 keys already in" in again.stderr and "0 keys" in again.stderr
 
 
+def test_cli_writes_each_key_as_it_finishes(tmp_path, monkeypatch):
+    """A run stopped after its first key (Ctrl-C, a time limit) leaves that key in the file."""
+    out = tmp_path / "tuned.json"
+    monkeypatch.setenv("SASA_TRITON_CACHE_DIR", str(tmp_path / "cache"))
+
+    def stopped_after_one_key(tasks, on_key, **_):
+        result = autotune.KeyResult(tasks[0], tasks[0].configs())
+        result.results[0] = {"status": "accepted", "reason": None, "ms": 0.5, "errors": {}}
+        on_key(result)
+        assert json.load(open(out))["configs"].keys() == {tasks[0].key}  # on disk before the next key
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(autotune, "tune", stopped_after_one_key)
+    with pytest.raises(KeyboardInterrupt):
+        autotune.main(["--output", str(out), "--no-stem"])
+    tuning.clear_cache()
+    data = tuning.read_tuned_file(str(out))
+    assert data is not None and len(data["configs"]) == 1
+
+
 def test_cli_without_gpu_or_interpreter_fails_clearly(monkeypatch, capsys):
     monkeypatch.setattr(autotune, "interpreter_enabled", lambda: False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
