@@ -13,6 +13,11 @@
 #   (host vs kernel time per call) and Nsight Compute on the three local kernels.
 # bench (~5 min): the README's main command, `python -m sasa_triton.bench`, time-boxed.
 # verify (~9.5 min): check's suite and quick check, then bench (no tuner, timings or ncu).
+# host (~6.5 min): bench/gpu_host_breakdown.py (where an eager call's host time goes), then the
+#   README's main command from an empty Triton cache (its cold-cache time).
+# tune (~6 min): every candidate of the stem kernels at the stem shape against the default
+#   (bench/sweep_candidates.py), then the tuner over the default keys into $OUT/tuned.json
+#   (written key by key, so a time-boxed run keeps what it finished).
 #
 # Seen on an H200 VM (2026-11-29): the whole suite takes about 5 minutes of 16 workers, most of
 # it compiling (the 72-case GPU grid compiles three kernels per case), so a 15-minute lease does
@@ -63,6 +68,28 @@ if [[ "$what" == check || "$what" == all ]]; then
   fi
 fi
 
+if [[ "$what" == host ]]; then
+  stamp "host-time breakdown"
+  timeout 150 python bench/gpu_host_breakdown.py >"$OUT/breakdown.log" 2>&1
+  stamp "breakdown rc=$?"; grep -E " us$| ms$" "$OUT/breakdown.log"
+  rm -rf .triton_cache ~/.triton/cache; mkdir -p .triton_cache
+  stamp "README main command, cold Triton cache"
+  ( time timeout "${BENCH_S:-230}" python -m sasa_triton.bench --out "$OUT/bench" ) >"$OUT/bench.log" 2>&1
+  stamp "bench rc=$?"; tail -n 12 "$OUT/bench.log"
+  tar czf "$OUT/bench.tgz" -C "$OUT" bench && rm -rf "$OUT/bench"
+fi
+
+if [[ "$what" == tune ]]; then
+  stamp "stem candidates at the stem shape"
+  timeout 170 python bench/sweep_candidates.py --out "$OUT/sweep" --kernels spatial_block_fwd \
+    spatial_block_bwd_dq spatial_block_bwd_dkdv spatial_sliding_fwd spatial_sliding_bwd_dq \
+    spatial_sliding_bwd_dkdv >"$OUT/sweep.log" 2>&1
+  stamp "sweep rc=$?"; tail -n 3 "$OUT/sweep.log"
+  stamp "autotune (alone on the GPU)"
+  timeout 180 python -m sasa_triton.autotune --output "$OUT/tuned.json" --force >"$OUT/autotune.log" 2>&1
+  stamp "autotune rc=$?"; grep -E "best:|keeps its default|written" "$OUT/autotune.log" | tail -n 20
+fi
+
 if [[ "$what" == bench || "$what" == all || "$what" == verify ]]; then
   stamp "README main command"
   ( time timeout "${BENCH_S:-300}" python -m sasa_triton.bench --out "$OUT/bench" ) >"$OUT/bench.log" 2>&1
@@ -71,7 +98,7 @@ if [[ "$what" == bench || "$what" == all || "$what" == verify ]]; then
 fi
 
 size_kb=$(du -sk .triton_cache 2>/dev/null | cut -f1)
-if [[ "$what" != bench && "$what" != verify && -n "$size_kb" ]]; then
+if [[ "$what" != bench && "$what" != verify && "$what" != host && -n "$size_kb" ]]; then
   tar czf "$OUT/triton_cache.tgz" .triton_cache
   if [[ $(du -k "$OUT/triton_cache.tgz" | cut -f1) -gt 15500 ]]; then  # 16 MiB a file comes back
     rm -f "$OUT/triton_cache.tgz"; stamp "Triton cache (${size_kb} KB) too large to bring back"
