@@ -123,6 +123,30 @@ def test_gpu_inductor_fullgraph():
     out.sum().backward()
 
 
+@pytest.mark.gpu
+def test_gpu_reduce_overhead_training_steps_match_eager():
+    """The README's advice for small feature maps: torch.compile(mode="reduce-overhead") (Inductor's
+    CUDA graphs) around a SASA layer trains as the eager layer does, replays included."""
+    torch.manual_seed(0)
+    layer = SelfAttention2d(32, 64, kernel_size=7, heads=8).cuda()
+    compiled = torch.compile(layer, mode="reduce-overhead", fullgraph=True)
+    for step in range(4):  # warm-up, recording, then replays
+        x = torch.randn(2, 32, 14, 14, device="cuda").contiguous(memory_format=torch.channels_last)
+        x.requires_grad_(True)
+        out = compiled(x)
+        out.square().sum().backward()
+        got = (out.detach().clone(), x.grad.clone(), grads_of(layer))
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+        expected = layer(x)
+        expected.square().sum().backward()
+        assert_close(got[0], expected, torch.float32, f"y, step {step}")
+        assert_close(got[1], x.grad, torch.float32, f"dx, step {step}")
+        for name, g in grads_of(layer).items():
+            assert_close(got[2][name], g, torch.float32, f"{name}, step {step}")
+        layer.zero_grad(set_to_none=True)
+
+
 @pytest.mark.parametrize("window", ["block", "sliding"])
 def test_stem_fullgraph_matches_eager(window, device):
     torch.manual_seed(0)
