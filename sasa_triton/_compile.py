@@ -41,6 +41,8 @@ class KernelSpec:
     def config(self) -> dict:
         keys = ("BLOCK_H", "BLOCK_W", "BLOCK_M", "BLOCK_N")
         cfg = {k: self.constexprs[k] for k in keys if k in self.constexprs}
+        if self.constexprs.get("HEADS_PER_PROGRAM", 1) != 1:  # the local forward's head pairs
+            cfg["HEADS_PER_PROGRAM"] = self.constexprs["HEADS_PER_PROGRAM"]
         cfg.update(num_warps=self.num_warps, num_stages=self.num_stages)
         return cfg
 
@@ -250,15 +252,15 @@ def ttgir_loop_trips(ttgir: str) -> list:
 
 def instructions_per_pixel_head(report: dict, trips: int) -> float:
     """Warp-instructions a program executes per (pixel, head), from a static_report:
-    num_warps * (outside + trips * body) / (BLOCK_H * BLOCK_W). Approximate: static counts, so
+    num_warps * (outside + trips * body) / (BLOCK_H * BLOCK_W * HEADS_PER_PROGRAM). Approximate: static counts, so
     every branch in the loop body counts as taken (see sass_instruction_profile). A loop the
     compiler unrolled whole has no body (its copies count in `outside`, once each, as they run);
     one that ptxas unrolled partly would be overcounted (its body holds several iterations; not
     detected: the TTGIR trip count is from before ptxas)."""
     if not isinstance(trips, int) or isinstance(trips, bool) or trips < 0:
         raise ValueError(f"trips must be a non-negative int, got {trips!r}")
-    pixels = report["BLOCK_H"] * report["BLOCK_W"]
-    return report["num_warps"] * (report["sass_outside"] + trips * report["sass_loop_body"]) / pixels
+    pixel_heads = report["BLOCK_H"] * report["BLOCK_W"] * report.get("HEADS_PER_PROGRAM", 1)
+    return report["num_warps"] * (report["sass_outside"] + trips * report["sass_loop_body"]) / pixel_heads
 
 
 def static_report(spec: KernelSpec, arch: int = 90) -> dict:

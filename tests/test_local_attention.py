@@ -240,6 +240,33 @@ def test_candidate_configs_sample(device):
     assert not failures, "\n".join(failures)
 
 
+PAIR_CASES = [  # B, H, W, heads, D, k, dilation, padding, rel, dtype
+    case(2, 9, 11, 4, 8, 7, 1, "zeros", "shared", torch.float32),
+    case(1, 6, 7, 2, 8, 3, 2, "mask", "per_head", torch.float16),
+    case(1, 5, 9, 2, 4, 5, 1, "zeros", None, torch.float32),
+    case(1, 6, 6, 3, 8, 3, 1, "zeros", "per_head", torch.float32),  # odd heads: one head a program
+]
+
+
+@pytest.mark.parametrize("B,H,W,heads,D,k,dilation,padding,rel,dtype", PAIR_CASES)
+def test_forward_head_pairs(B, H, W, heads, D, k, dilation, padding, rel, dtype, device):
+    """The forward's HEADS_PER_PROGRAM 2 candidate (two heads' packed channels in one program):
+    every y and lse element written (outputs poisoned), against float64 and the default config."""
+    inputs, _ = make_inputs(B, H, W, heads, D, k, rel, device, dtype)
+    options = (k, dilation, 0.5, padding)
+    default = tuning.gpu_default_config("local_fwd", k, dilation, D, dtype)
+    paired = {**default, "HEADS_PER_PROGRAM": 2}
+    y = torch.full((B, H, W, heads, D), float("nan"), dtype=dtype, device=device)
+    lse = torch.full((B, heads, H, W), float("nan"), device=device)
+    y, lse = _fwd(*inputs, *options, y=y, lse=lse, config=paired)
+    y_default, lse_default = _fwd(*inputs, *options, config=default)
+    exact = reference(*(None if t is None else t.double() for t in inputs), *options)
+    in_dtype = reference_in_dtype(*inputs, *options)
+    assert_close_to_reference(y, exact, in_dtype, dtype, "y")
+    torch.testing.assert_close(y, y_default, rtol=1e-3 if dtype == torch.float16 else 1e-6, atol=1e-6)
+    torch.testing.assert_close(lse, lse_default, rtol=1e-6, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------------------------
 # The check itself: it must reject what the kernels could get wrong
 # ----------------------------------------------------------------------------------------------

@@ -81,18 +81,23 @@ def _strip_offsets(halo_col, step_row, stride_h, stride_w, D: tl.constexpr, BLOC
 @triton.jit
 def _rel_logits(x, REL_ROWS, REL_COLS, head, D: tl.constexpr, D_ROWS: tl.constexpr, KSIZE: tl.constexpr,
                 REL_PER_HEAD: tl.constexpr, DOT_PRECISION: tl.constexpr, KPAD: tl.constexpr,
-                BLOCK_D: tl.constexpr):
-    """The relative tables as (KPAD, BLOCK_D) fp32 tiles laid over the channels (rel_rows in
-    [0, Dr), rel_cols in [Dr, D), zeros elsewhere) and x's logits against them: x.rel_rows[t]
-    and x.rel_cols[t] as (pixels, KPAD)."""
+                BLOCK_D: tl.constexpr, CH0: tl.constexpr):
+    """The relative tables as (KPAD, BLOCK_D) fp32 tiles laid over the channels of a head that
+    starts at channel CH0 of x (rel_rows in [CH0, CH0 + Dr), rel_cols in [CH0 + Dr, CH0 + D),
+    zeros elsewhere) and x's logits against them: x.rel_rows[t] and x.rel_cols[t] as (pixels, KPAD)."""
     D_COLS: tl.constexpr = D - D_ROWS
     offs_t = tl.arange(0, KPAD)
     offs_d = tl.arange(0, BLOCK_D)
     t_ok = offs_t[:, None] < KSIZE
-    rows_ptrs = REL_ROWS + head * (KSIZE * D_ROWS * REL_PER_HEAD) + offs_t[:, None] * D_ROWS + offs_d[None, :]
-    cols_ptrs = REL_COLS + head * (KSIZE * D_COLS * REL_PER_HEAD) + offs_t[:, None] * D_COLS + (offs_d[None, :] - D_ROWS)
-    rel_rows = tl.load(rows_ptrs, mask=t_ok & (offs_d[None, :] < D_ROWS), other=0.0).to(tl.float32)
-    rel_cols = tl.load(cols_ptrs, mask=t_ok & (offs_d[None, :] >= D_ROWS) & (offs_d[None, :] < D),
+    rows_ptrs = (REL_ROWS + head * (KSIZE * D_ROWS * REL_PER_HEAD) + offs_t[:, None] * D_ROWS
+                 + (offs_d[None, :] - CH0))
+    cols_ptrs = (REL_COLS + head * (KSIZE * D_COLS * REL_PER_HEAD) + offs_t[:, None] * D_COLS
+                 + (offs_d[None, :] - (CH0 + D_ROWS)))
+    rows_ok = t_ok & (offs_d[None, :] < CH0 + D_ROWS)
+    if CH0 > 0:
+        rows_ok = rows_ok & (offs_d[None, :] >= CH0)
+    rel_rows = tl.load(rows_ptrs, mask=rows_ok, other=0.0).to(tl.float32)
+    rel_cols = tl.load(cols_ptrs, mask=t_ok & (offs_d[None, :] >= CH0 + D_ROWS) & (offs_d[None, :] < CH0 + D),
                        other=0.0).to(tl.float32)
     x32 = x.to(tl.float32)
     row_logits = tl.dot(x32, tl.trans(rel_rows), input_precision=DOT_PRECISION)
@@ -146,10 +151,10 @@ def _query_tile_setup(q, REL_ROWS, REL_COLS, head, col0, q_step_col, W, qk_scale
                       D: tl.constexpr, D_ROWS: tl.constexpr, KSIZE: tl.constexpr, DILATION: tl.constexpr,
                       HAS_REL: tl.constexpr, REL_PER_HEAD: tl.constexpr, MASK_PADDING: tl.constexpr,
                       DOT_PRECISION: tl.constexpr, HALO_W: tl.constexpr, KPAD: tl.constexpr,
-                      BLOCK_D: tl.constexpr, SELECT_GATHER: tl.constexpr):
+                      BLOCK_D: tl.constexpr, SELECT_GATHER: tl.constexpr, CH0: tl.constexpr):
     """What a query tile needs for every step (fwd and dq): the tables, the scaled row logits
     (each step gathers its row bias from them) and the column bias (BLOCK_Q, HALO_W), the same for
-    every key row."""
+    every key row. q holds the head's channels from CH0 on (zeros in the other channels)."""
     RADIUS: tl.constexpr = DILATION * (KSIZE // 2)
     rel_rows = tl.zeros((KPAD, BLOCK_D), dtype=tl.float32)
     rel_cols = tl.zeros((KPAD, BLOCK_D), dtype=tl.float32)
@@ -157,7 +162,7 @@ def _query_tile_setup(q, REL_ROWS, REL_COLS, head, col0, q_step_col, W, qk_scale
     col_logits = tl.zeros((q.shape[0], KPAD), dtype=tl.float32)
     if HAS_REL:
         rel_rows, rel_cols, row_logits, col_logits = _rel_logits(q, REL_ROWS, REL_COLS, head, D, D_ROWS, KSIZE,
-                                                                 REL_PER_HEAD, DOT_PRECISION, KPAD, BLOCK_D)
+                                                                 REL_PER_HEAD, DOT_PRECISION, KPAD, BLOCK_D, CH0)
     halo_col = tl.arange(0, HALO_W)
     key_col = col0 - RADIUS + halo_col
     col_allowed = ((key_col >= 0) & (key_col < W))[None, :] if MASK_PADDING else (halo_col < HALO_W)[None, :]
@@ -182,19 +187,26 @@ def _key_strip(batch, head, row0, col0, W, stride_b, stride_h, stride_w, D: tl.c
 
 
 @triton.jit
-def _step_logits(q, K, V, strip_origin, strip_offsets, first, stride_h, n_col_in, n_step_row, row0, q_step_row,
-                 query_ok, row_shift, row_logits, col_bias, H, qk_scale,
-                 KSIZE: tl.constexpr, DILATION: tl.constexpr, HAS_REL: tl.constexpr, MASK_PADDING: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr, HALO_ROWS: tl.constexpr, HALO_W: tl.constexpr,
-                 STEP_ROWS: tl.constexpr, SELECT_GATHER: tl.constexpr, SHIFTED: tl.constexpr):
-    """One step of a query tile (fwd and dq): the step's K and V strips and its scaled logits
-    (BLOCK_Q, STEP_ROWS, HALO_W), in log2 units, -inf outside each query's window. SHIFTED (dq):
-    minus row_shift (the log-sum-exp), and -inf for queries not query_ok."""
+def _step_strips(K, V, strip_origin, strip_offsets, first, stride_h, n_col_in, n_step_row, row0, H,
+                 KSIZE: tl.constexpr, DILATION: tl.constexpr, HALO_ROWS: tl.constexpr):
+    """One step's K and V strips (fwd and dq), zeros outside the image and past the halo."""
     RADIUS: tl.constexpr = DILATION * (KSIZE // 2)
     key_row = row0 - RADIUS + first + n_step_row
     kv_mask = (n_col_in & (key_row >= 0) & (key_row < H) & (first + n_step_row < HALO_ROWS))[:, None]
     kt = tl.load(K + (strip_origin + first * stride_h) + strip_offsets, mask=kv_mask, other=0.0)
     vt = tl.load(V + (strip_origin + first * stride_h) + strip_offsets, mask=kv_mask, other=0.0)
+    return kt, vt
+
+
+@triton.jit
+def _step_scores(q, kt, first, row0, q_step_row, query_ok, row_shift, row_logits, col_bias, H, qk_scale,
+                 KSIZE: tl.constexpr, DILATION: tl.constexpr, HAS_REL: tl.constexpr, MASK_PADDING: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr, HALO_ROWS: tl.constexpr, HALO_W: tl.constexpr,
+                 STEP_ROWS: tl.constexpr, SELECT_GATHER: tl.constexpr, SHIFTED: tl.constexpr):
+    """One step's scaled logits (BLOCK_Q, STEP_ROWS, HALO_W) of a query tile against its key
+    strip kt, in log2 units, -inf outside each query's window. SHIFTED (dq): minus row_shift (the
+    log-sum-exp), and -inf for queries not query_ok."""
+    RADIUS: tl.constexpr = DILATION * (KSIZE // 2)
     # Row bias of this step: (BLOCK_Q, STEP_ROWS).
     halo_row = first + tl.arange(0, STEP_ROWS)
     row_allowed = (halo_row < HALO_ROWS)[None, :]
@@ -208,9 +220,37 @@ def _step_logits(q, K, V, strip_origin, strip_offsets, first, stride_h, n_col_in
     if SHIFTED:
         row_bias = row_bias - row_shift[:, None]
     logits = tl.dot(q, tl.trans(kt), input_precision=DOT_PRECISION)  # (BLOCK_Q, STEP_ROWS * HALO_W)
-    logits = (tl.reshape(logits, (q.shape[0], STEP_ROWS, HALO_W)) * qk_scale
-              + row_bias[:, :, None] + col_bias[:, None, :])
+    return (tl.reshape(logits, (q.shape[0], STEP_ROWS, HALO_W)) * qk_scale
+            + row_bias[:, :, None] + col_bias[:, None, :])
+
+
+@triton.jit
+def _step_logits(q, K, V, strip_origin, strip_offsets, first, stride_h, n_col_in, n_step_row, row0, q_step_row,
+                 query_ok, row_shift, row_logits, col_bias, H, qk_scale,
+                 KSIZE: tl.constexpr, DILATION: tl.constexpr, HAS_REL: tl.constexpr, MASK_PADDING: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr, HALO_ROWS: tl.constexpr, HALO_W: tl.constexpr,
+                 STEP_ROWS: tl.constexpr, SELECT_GATHER: tl.constexpr, SHIFTED: tl.constexpr):
+    """One step of a query tile (fwd and dq): its K and V strips and its scaled logits."""
+    kt, vt = _step_strips(K, V, strip_origin, strip_offsets, first, stride_h, n_col_in, n_step_row, row0, H,
+                          KSIZE, DILATION, HALO_ROWS)
+    logits = _step_scores(q, kt, first, row0, q_step_row, query_ok, row_shift, row_logits, col_bias, H, qk_scale,
+                          KSIZE, DILATION, HAS_REL, MASK_PADDING, DOT_PRECISION, HALO_ROWS, HALO_W, STEP_ROWS,
+                          SELECT_GATHER, SHIFTED)
     return kt, vt, logits
+
+
+@triton.jit
+def _softmax_step(logits, vt, m_i, l_i, acc, DOT_PRECISION: tl.constexpr):
+    """The forward's online softmax over one step: the running max, sum and p.v accumulator."""
+    BLOCK_Q: tl.constexpr = logits.shape[0]
+    m_new = tl.maximum(m_i, tl.max(tl.max(logits, axis=2), axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a query with no key yet stays at zero
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(logits - m_safe[:, None, None])
+    l_i = l_i * alpha + tl.sum(tl.sum(p, axis=2), axis=1)
+    p = tl.reshape(p, (BLOCK_Q, logits.shape[1] * logits.shape[2]))
+    acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
 
 
 # ----------------------------------------------------------------------------------------------
@@ -226,48 +266,79 @@ def _local_attn_fwd_kernel(
     HAS_REL: tl.constexpr, REL_PER_HEAD: tl.constexpr, MASK_PADDING: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, HALO_W: tl.constexpr,
     STEP_ROWS: tl.constexpr, KPAD: tl.constexpr, BLOCK_D: tl.constexpr, SELECT_GATHER: tl.constexpr,
+    HEADS_PER_PROGRAM: tl.constexpr,
 ):
+    # HEADS_PER_PROGRAM 2 (D <= BLOCK_D / 2, an even number of heads): a program takes two
+    # neighbouring heads, whose packed channels it loads together (at D = 8, 16 channels where a
+    # single head loads 8 and repeats them), so one K/V strip load and one conversion to the
+    # tensor-core layout serve both heads; each head's logits come from its own channels (the
+    # other head's zeroed in its copy of q), and of each head's p.v only its own channels are kept.
     RADIUS: tl.constexpr = DILATION * (KSIZE // 2)
     HALO_ROWS: tl.constexpr = BLOCK_H + 2 * RADIUS
     BLOCK_Q: tl.constexpr = BLOCK_H * BLOCK_W
-    BLOCK_N: tl.constexpr = STEP_ROWS * HALO_W
-    pid, batch_head, batch, head, row0, col0, q_step_row, q_step_col, q_in = _program_tile(
-        H, W, heads, BLOCK_H, BLOCK_W)
+    HPP: tl.constexpr = HEADS_PER_PROGRAM
+    D_LOAD: tl.constexpr = HPP * D  # the channels a program loads: its heads', packed
+    if HPP == 1:
+        groups = heads
+    else:
+        groups = heads // HPP
+    pid, batch_head, batch, group, row0, col0, q_step_row, q_step_col, q_in = _program_tile(
+        H, W, groups, BLOCK_H, BLOCK_W)
+    head0 = group * HPP
     offs_d = tl.arange(0, BLOCK_D)
-    q_mask = q_in[:, None] & (offs_d[None, :] < D)
-    q = tl.load(_pixel_ptrs(Q, batch, head, row0, col0, q_step_row, q_step_col, stride_b, stride_h, stride_w,
-                            D, BLOCK_D), mask=q_mask, other=0.0)
-    _, _, row_logits, col_bias = _query_tile_setup(
-        q, REL_ROWS, REL_COLS, head, col0, q_step_col, W, qk_scale, D, D_ROWS, KSIZE, DILATION, HAS_REL,
-        REL_PER_HEAD, MASK_PADDING, DOT_PRECISION, HALO_W, KPAD, BLOCK_D, SELECT_GATHER)
+    q_mask = q_in[:, None] & (offs_d[None, :] < D_LOAD)
+    q = tl.load(_pixel_ptrs(Q, batch, group, row0, col0, q_step_row, q_step_col, stride_b, stride_h, stride_w,
+                            D_LOAD, BLOCK_D), mask=q_mask, other=0.0)
+    q0 = q
+    if HPP == 2:
+        q0 = tl.where(offs_d[None, :] < D, q, tl.zeros_like(q))
+    _, _, row_logits0, col_bias0 = _query_tile_setup(
+        q0, REL_ROWS, REL_COLS, head0, col0, q_step_col, W, qk_scale, D, D_ROWS, KSIZE, DILATION, HAS_REL,
+        REL_PER_HEAD, MASK_PADDING, DOT_PRECISION, HALO_W, KPAD, BLOCK_D, SELECT_GATHER, 0)
+    q1, row_logits1, col_bias1 = q0, row_logits0, col_bias0
+    if HPP == 2:
+        q1 = tl.where(offs_d[None, :] >= D, q, tl.zeros_like(q))
+        _, _, row_logits1, col_bias1 = _query_tile_setup(
+            q1, REL_ROWS, REL_COLS, head0 + 1, col0, q_step_col, W, qk_scale, D, D_ROWS, KSIZE, DILATION, HAS_REL,
+            REL_PER_HEAD, MASK_PADDING, DOT_PRECISION, HALO_W, KPAD, BLOCK_D, SELECT_GATHER, D)
 
     n_step_row, n_col_in, strip_origin, strip_offsets = _key_strip(
-        batch, head, row0, col0, W, stride_b, stride_h, stride_w, D, KSIZE, DILATION, HALO_W, STEP_ROWS, BLOCK_D)
+        batch, group, row0, col0, W, stride_b, stride_h, stride_w, D_LOAD, KSIZE, DILATION, HALO_W, STEP_ROWS,
+        BLOCK_D)
 
-    m_i = tl.full((BLOCK_Q,), float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros((BLOCK_Q,), dtype=tl.float32)
-    acc = tl.zeros((BLOCK_Q, BLOCK_D), dtype=tl.float32)
+    m0 = tl.full((BLOCK_Q,), float("-inf"), dtype=tl.float32)
+    l0 = tl.zeros((BLOCK_Q,), dtype=tl.float32)
+    acc0 = tl.zeros((BLOCK_Q, BLOCK_D), dtype=tl.float32)
+    m1, l1, acc1 = m0, l0, acc0
     for first in range(0, HALO_ROWS, STEP_ROWS):
-        kt, vt, logits = _step_logits(
-            q, K, V, strip_origin, strip_offsets, first, stride_h, n_col_in, n_step_row, row0, q_step_row, q_in,
-            q_in, row_logits, col_bias, H, qk_scale, KSIZE, DILATION, HAS_REL, MASK_PADDING, DOT_PRECISION,
-            HALO_ROWS, HALO_W, STEP_ROWS, SELECT_GATHER, SHIFTED=False)
-        m_new = tl.maximum(m_i, tl.max(tl.max(logits, axis=2), axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a query with no key yet stays at zero
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(logits - m_safe[:, None, None])
-        l_i = l_i * alpha + tl.sum(tl.sum(p, axis=2), axis=1)
-        p = tl.reshape(p, (BLOCK_Q, BLOCK_N))
-        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=DOT_PRECISION)
-        m_i = m_new
+        kt, vt = _step_strips(K, V, strip_origin, strip_offsets, first, stride_h, n_col_in, n_step_row, row0, H,
+                              KSIZE, DILATION, HALO_ROWS)
+        logits = _step_scores(q0, kt, first, row0, q_step_row, q_in, q_in, row_logits0, col_bias0, H, qk_scale,
+                              KSIZE, DILATION, HAS_REL, MASK_PADDING, DOT_PRECISION, HALO_ROWS, HALO_W, STEP_ROWS,
+                              SELECT_GATHER, SHIFTED=False)
+        m0, l0, acc0 = _softmax_step(logits, vt, m0, l0, acc0, DOT_PRECISION)
+        if HPP == 2:
+            logits = _step_scores(q1, kt, first, row0, q_step_row, q_in, q_in, row_logits1, col_bias1, H,
+                                  qk_scale, KSIZE, DILATION, HAS_REL, MASK_PADDING, DOT_PRECISION, HALO_ROWS,
+                                  HALO_W, STEP_ROWS, SELECT_GATHER, SHIFTED=False)
+            m1, l1, acc1 = _softmax_step(logits, vt, m1, l1, acc1, DOT_PRECISION)
 
-    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    y = acc / l_safe[:, None]
+    l_safe = tl.where(l0 == 0.0, 1.0, l0)
+    y = acc0 / l_safe[:, None]
+    if HPP == 2:
+        l_safe1 = tl.where(l1 == 0.0, 1.0, l1)
+        y = tl.where(offs_d[None, :] < D, y, acc1 / l_safe1[:, None])
     # y and lse are ours, contiguous: (B, H, W, heads, D) and (B, heads, H, W).
-    tl.store(_pixel_ptrs(Y, batch, head, row0, col0, q_step_row, q_step_col, H * W * heads * D, W * heads * D,
-                         heads * D, D, BLOCK_D), y.to(Y.dtype.element_ty), mask=q_mask)
-    lse = (m_i + tl.log2(l_safe)) * 0.6931471805599453  # natural log; m_i is in log2 units
-    tl.store(LSE + batch_head.to(tl.int64) * H * W + ((row0 + q_step_row) * W + col0 + q_step_col), lse, mask=q_in)
+    tl.store(_pixel_ptrs(Y, batch, group, row0, col0, q_step_row, q_step_col, H * W * heads * D, W * heads * D,
+                         heads * D, D_LOAD, BLOCK_D), y.to(Y.dtype.element_ty), mask=q_mask)
+    lse = (m0 + tl.log2(l_safe)) * 0.6931471805599453  # natural log; m is in log2 units
+    if HPP == 1:
+        tl.store(LSE + batch_head.to(tl.int64) * H * W + ((row0 + q_step_row) * W + col0 + q_step_col), lse,
+                 mask=q_in)
+    else:
+        stat_ptrs = LSE + (batch * heads + head0) * H * W + ((row0 + q_step_row) * W + col0 + q_step_col)
+        tl.store(stat_ptrs, lse, mask=q_in)
+        tl.store(stat_ptrs + H * W, (m1 + tl.log2(l_safe1)) * 0.6931471805599453, mask=q_in)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -310,7 +381,7 @@ def _local_attn_bwd_dq_kernel(
 
     rel_rows, rel_cols, row_logits, col_bias = _query_tile_setup(
         q, REL_ROWS, REL_COLS, head, col0, q_step_col, W, qk_scale, D, D_ROWS, KSIZE, DILATION, HAS_REL,
-        REL_PER_HEAD, MASK_PADDING, DOT_PRECISION, HALO_W, KPAD, BLOCK_D, SELECT_GATHER)
+        REL_PER_HEAD, MASK_PADDING, DOT_PRECISION, HALO_W, KPAD, BLOCK_D, SELECT_GATHER, 0)
 
     n_step_row, n_col_in, strip_origin, strip_offsets = _key_strip(
         batch, head, row0, col0, W, stride_b, stride_h, stride_w, D, KSIZE, DILATION, HALO_W, STEP_ROWS, BLOCK_D)
@@ -414,7 +485,7 @@ def _local_attn_bwd_dkdv_kernel(
         col_logits = tl.zeros((BLOCK_N, KPAD), dtype=tl.float32)
         if HAS_REL:
             _, _, row_logits, col_logits = _rel_logits(qc, REL_ROWS, REL_COLS, head, D, D_ROWS, KSIZE,
-                                                       REL_PER_HEAD, DOT_PRECISION, KPAD, BLOCK_D)
+                                                       REL_PER_HEAD, DOT_PRECISION, KPAD, BLOCK_D, 0)
         # (queries, key tile rows) and (queries, key tile columns), then transposed.
         row_bias = _window_bias(row_logits * qk_scale, key_tile_row[None, :] - halo_row[:, None] + 2 * RADIUS,
                                 query_in[:, None], HAS_REL, KSIZE, DILATION, SELECT_GATHER) - lse2[:, None]
@@ -500,6 +571,11 @@ def config_space(kernel, kernel_size, dilation, head_dim, dtype, height_bucket, 
     steps of the default's strip pixels and twice that, 1-2 warps for 16-bit inputs (4-8 for
     fp32's FMA dots), 1-2 pipeline stages where a 16-bit kernel takes several steps.
 
+    The forward at D <= BLOCK_D / 2 in 16 bits (D = 8: ResNet-50's first stage) also tries its
+    2 x 8 tiles with HEADS_PER_PROGRAM 2 (two heads share one K/V strip load; taken only where
+    the heads are even, see heads_per_program): the 56x56 forward is bound by L1 traffic on an
+    H200, which this halves per head, at 191 registers instead of 126 (sm_90, Triton 3.9).
+
     No 16-bit candidate has 4 warps: on an H200 with Triton 3.6 (2026-11-29) the backward kernels
     at num_warps 4 on 64-128-pixel tiles (the shapes Triton lowers to Hopper's warpgroup MMA)
     returned non-finite dq, dk off by up to 3e-2 relative RMS, or faulted (illegal memory
@@ -524,9 +600,13 @@ def config_space(kernel, kernel_size, dilation, head_dim, dtype, height_bucket, 
                     config = {"BLOCK_H": block_h, "BLOCK_W": block_w, "STEP_ROWS": step_rows,
                               "num_warps": num_warps, "num_stages": num_stages}
                     key = tuple(config.values())
-                    if key not in seen:
-                        seen.add(key)
-                        yield config
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                    yield config
+                    if (kernel == "local_fwd" and dtype != torch.float32 and (block_h, block_w) == (2, 8)
+                            and 2 * head_dim <= max(16, tuning.next_power_of_2(head_dim)) and num_warps == 1):
+                        yield {**config, "HEADS_PER_PROGRAM": 2}
 
 
 def _meta(q, kernel_size, dilation, padding, rel_rows, config):
@@ -541,15 +621,27 @@ def _meta(q, kernel_size, dilation, padding, rel_rows, config):
     )
 
 
+def heads_per_program(config: dict, heads: int, head_dim: int) -> int:
+    """How many heads a forward program takes: the config's HEADS_PER_PROGRAM (default 1) where
+    their packed channels fit one BLOCK_D tile and divide the heads, else 1."""
+    count = config.get("HEADS_PER_PROGRAM", 1)
+    block_d = max(16, tuning.next_power_of_2(head_dim))
+    return count if heads % count == 0 and count * head_dim <= block_d else 1
+
+
 class _Plan:
     """What a launch needs besides the tensors, fixed per (kernel, shape, options, config)."""
     __slots__ = ("config", "meta", "grid", "programs")
 
-    def __init__(self, q, kernel_size, dilation, padding, rel_rows, config):
-        B, H, W, heads, _ = q.shape
+    def __init__(self, kernel, q, kernel_size, dilation, padding, rel_rows, config):
+        B, H, W, heads, D = q.shape
         self.config = config
         self.meta = _meta(q, kernel_size, dilation, padding, rel_rows, config)
-        self.grid = (B * heads, triton.cdiv(H, config["BLOCK_H"]), triton.cdiv(W, config["BLOCK_W"]))
+        groups = B * heads
+        if kernel == "local_fwd":
+            self.meta["HEADS_PER_PROGRAM"] = heads_per_program(config, heads, D)
+            groups //= self.meta["HEADS_PER_PROGRAM"]
+        self.grid = (groups, triton.cdiv(H, config["BLOCK_H"]), triton.cdiv(W, config["BLOCK_W"]))
         self.programs = self.grid[0] * self.grid[1] * self.grid[2]
 
 
@@ -560,7 +652,7 @@ def _plan(kernel, q, kernel_size, dilation, padding, rel_rows, config=None) -> _
     """The launch plan, cached per key (an op call then costs a dict lookup, not a config search).
     An explicit `config` (tests, the tuner) bypasses the cache."""
     if config is not None:
-        return _Plan(q, kernel_size, dilation, padding, rel_rows, config)
+        return _Plan(kernel, q, kernel_size, dilation, padding, rel_rows, config)
     B, H, W, heads, D = q.shape
     config = tuning.get_config(kernel, kernel_size, dilation, D, q.dtype, H, W)
     per_head = rel_rows.dim() == 3 if rel_rows is not None else None
@@ -568,7 +660,7 @@ def _plan(kernel, q, kernel_size, dilation, padding, rel_rows, config=None) -> _
     key = (kernel, q.shape, q.dtype, kernel_size, dilation, padding, per_head, precision, tuple(config.values()))
     plan = _PLANS.get(key)
     if plan is None:
-        plan = _PLANS[key] = _Plan(q, kernel_size, dilation, padding, rel_rows, config)
+        plan = _PLANS[key] = _Plan(kernel, q, kernel_size, dilation, padding, rel_rows, config)
     return plan
 
 
@@ -695,7 +787,7 @@ def static_specs(shape=(32, 56, 56, 8, 64), dtype=torch.bfloat16, kernel_size=7,
 
     def plan(name):
         config = configs.get(name) or tuning.get_config(name, kernel_size, dilation, D, dtype, H, W)
-        return _Plan(q, kernel_size, dilation, padding, rel_rows, config)
+        return _Plan(name, q, kernel_size, dilation, padding, rel_rows, config)
 
     fwd = plan("local_fwd")
     fwd_args = _fwd_args(q, k, v, rel_rows, rel_cols, y, lse, 1.0, fwd)
