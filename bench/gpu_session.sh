@@ -72,7 +72,7 @@ if [[ "$what" == host ]]; then
   stamp "host-time breakdown"
   timeout 150 python bench/gpu_host_breakdown.py >"$OUT/breakdown.log" 2>&1
   stamp "breakdown rc=$?"; grep -E " us$| ms$" "$OUT/breakdown.log"
-  rm -rf .triton_cache ~/.triton/cache; mkdir -p .triton_cache
+  rm -rf .triton_cache ~/.triton/cache "/tmp/torchinductor_$(whoami)"; mkdir -p .triton_cache  # cold: Triton and Inductor
   stamp "README main command, cold Triton cache"
   ( time timeout "${BENCH_S:-230}" python -m sasa_triton.bench --out "$OUT/bench" ) >"$OUT/bench.log" 2>&1
   stamp "bench rc=$?"; tail -n 12 "$OUT/bench.log"
