@@ -574,7 +574,9 @@ def config_space(kernel, kernel_size, dilation, head_dim, dtype, height_bucket, 
     The forward at D <= BLOCK_D / 2 in 16 bits (D = 8: ResNet-50's first stage) also tries its
     2 x 8 tiles with HEADS_PER_PROGRAM 2 (two heads share one K/V strip load; taken only where
     the heads are even, see heads_per_program): the 56x56 forward is bound by L1 traffic on an
-    H200, which this halves per head, at 191 registers instead of 126 (sm_90, Triton 3.9).
+    H200, which this halves per head, at 206 registers instead of 126 (sm_90, bf16, k = 7,
+    Triton 3.9). Only where the strip is 16 wide (k <= 9 undilated): wider ones spill (so does
+    k = 9 on Triton 3.3; the tuner drops spilling candidates).
 
     No 16-bit candidate has 4 warps: on an H200 with Triton 3.6 (2026-11-29) the backward kernels
     at num_warps 4 on 64-128-pixel tiles (the shapes Triton lowers to Hopper's warpgroup MMA)
@@ -605,7 +607,8 @@ def config_space(kernel, kernel_size, dilation, head_dim, dtype, height_bucket, 
                     seen.add(key)
                     yield config
                     if (kernel == "local_fwd" and dtype != torch.float32 and (block_h, block_w) == (2, 8)
-                            and 2 * head_dim <= max(16, tuning.next_power_of_2(head_dim)) and num_warps == 1):
+                            and halo_w <= 16 and num_warps == 1
+                            and 2 * head_dim <= max(16, tuning.next_power_of_2(head_dim))):
                         yield {**config, "HEADS_PER_PROGRAM": 2}
 
 
