@@ -515,6 +515,12 @@ def _local_attn_bwd_dkdv_kernel(
 KERNELS = ("local_fwd", "local_bwd_dq", "local_bwd_dkdv")
 
 
+def channel_tile(head_dim: int) -> int:
+    """BLOCK_D: the channels a tile holds, D padded to a power of two of at least 16 (a
+    tensor-core dot's depth)."""
+    return max(16, tuning.next_power_of_2(head_dim))
+
+
 def halo_width(block_w: int, kernel_size: int, dilation: int) -> int:
     """Power-of-two width of the haloed strip (keys for fwd/dq, queries for dk/dv) of a tile."""
     return tuning.next_power_of_2(block_w + 2 * dilation * (kernel_size // 2))
@@ -542,7 +548,7 @@ def default_config(kernel: str, kernel_size: int, dilation: int, head_dim: int, 
     """
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-    block_d = max(16, tuning.next_power_of_2(head_dim))
+    block_d = channel_tile(head_dim)
     # dk/dv at D <= 16 (16-bit): a 4 x 8 key tile (two row blocks) shares each query strip between
     # 32 keys; on an H200 (Triton 3.6, 2026-11-29, k = 7, B 32) the backward took 0.534 ms instead
     # of 0.649 at 56x56x64 and 0.222 instead of 0.234 at 28x28x128.
@@ -608,7 +614,7 @@ def config_space(kernel, kernel_size, dilation, head_dim, dtype, height_bucket, 
                     yield config
                     if (kernel == "local_fwd" and dtype != torch.float32 and (block_h, block_w) == (2, 8)
                             and halo_w <= 16 and num_warps == 1
-                            and 2 * head_dim <= max(16, tuning.next_power_of_2(head_dim))):
+                            and heads_per_program({"HEADS_PER_PROGRAM": 2}, 2, head_dim) == 2):
                         yield {**config, "HEADS_PER_PROGRAM": 2}
 
 
@@ -619,7 +625,7 @@ def _meta(q, kernel_size, dilation, padding, rel_rows, config):
         REL_PER_HEAD=int(rel_rows is not None and rel_rows.dim() == 3), MASK_PADDING=int(padding == "mask"),
         DOT_PRECISION=dot_precision(q.dtype), BLOCK_H=config["BLOCK_H"], BLOCK_W=config["BLOCK_W"],
         HALO_W=halo_width(config["BLOCK_W"], kernel_size, dilation), STEP_ROWS=config["STEP_ROWS"],
-        KPAD=max(16, tuning.next_power_of_2(kernel_size)), BLOCK_D=max(16, tuning.next_power_of_2(head_dim)),
+        KPAD=max(16, tuning.next_power_of_2(kernel_size)), BLOCK_D=channel_tile(head_dim),
         SELECT_GATHER=int(config["num_warps"] > 1), num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
 
@@ -628,8 +634,7 @@ def heads_per_program(config: dict, heads: int, head_dim: int) -> int:
     """How many heads a forward program takes: the config's HEADS_PER_PROGRAM (default 1) where
     their packed channels fit one BLOCK_D tile and divide the heads, else 1."""
     count = config.get("HEADS_PER_PROGRAM", 1)
-    block_d = max(16, tuning.next_power_of_2(head_dim))
-    return count if heads % count == 0 and count * head_dim <= block_d else 1
+    return count if heads % count == 0 and count * head_dim <= channel_tile(head_dim) else 1
 
 
 class _Plan:
