@@ -144,6 +144,54 @@ class Floor(torch.autograd.Function):  # PyTorch's floor: allocations only, no l
 
 row("floor: empty autograd.Function forward + torch.autograd.grad",
     lambda: torch.autograd.grad(Floor.apply(*leaves), leaves[:3], dy), calls=50)
+
+# Does the same work cost more inside a backward than on the calling thread? On the H200 VM
+# (2026-11-30) _bwd took 155 us called directly but some 350-450 us as the backward node. Each
+# probe runs one piece of work in the backward of a Function that otherwise does nothing, with
+# the engine's device thread (default) and with multithreading off (the calling thread); the
+# difference from the empty probe is the work's cost there, beside its cost called directly.
+bwd_args = (q, key, v, rel_rows, rel_cols, y, lse, dy, *options)
+work = {
+    "pure Python (a 300-step loop)": lambda: sum(i * i for i in range(300)),
+    "5 x torch.empty_like(q)": lambda: [torch.empty_like(q) for _ in range(5)],
+    "drel.sum(0)": lambda: drel.sum(0),
+    "Triton dq launch (prepared args)": lambda: op._launch(
+        op._local_attn_bwd_dq_kernel, plan_dq.grid, (*inputs, y, dy_c, lse, delta, dq, drel, *sizes), plan_dq.meta),
+    "_bwd (the op's whole backward)": lambda: op._bwd(*bwd_args),
+}
+
+
+def probe(job):
+    class Probe(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return torch.empty_like(x)
+
+        @staticmethod
+        def backward(ctx, grad):
+            if job is not None:
+                job()
+            return grad
+
+    return lambda: torch.autograd.grad(Probe.apply(leaves[0]), leaves[0], dy)
+
+
+threaded_modes = [("device thread", None)]
+if hasattr(torch.autograd, "set_multithreading_enabled"):
+    threaded_modes.append(("calling thread", False))
+for mode, enabled in threaded_modes:
+    def timed(fn):
+        if enabled is None:
+            return enqueue_us(fn, 50)
+        with torch.autograd.set_multithreading_enabled(enabled):
+            return enqueue_us(fn, 50)
+    empty = timed(probe(None))
+    print(f"{'probe: empty backward node, ' + mode:<72} {empty:8.1f} us", flush=True)
+    for name, job in work.items():
+        inside = timed(probe(job)) - empty
+        rows.append((f"probe: {name} in a backward ({mode})", inside))
+        print(f"{'probe: ' + name + ', in a backward (' + mode + ') / direct':<72} {inside:8.1f} us"
+              f" / {enqueue_us(job, 50):.1f} us", flush=True)
 if not DRY:
     result = measure((B, H, W, heads, D), k, 400, device="cuda", stub=False, dtype_name="bfloat16")
     print("sasa_triton.bench_host --gpu at this shape:", result, flush=True)
