@@ -70,22 +70,18 @@ small = torch.zeros(1024, device=dev)
 row("torch: small.add_(1) (one PyTorch kernel launch)", lambda: small.add_(1))
 row("torch: torch.empty_like(q)", lambda: torch.empty_like(q))
 row("torch: 3 x torch.empty_like(q)", lambda: [torch.empty_like(q) for _ in range(3)])
-plan_fwd = op._plan("local_fwd", q, k, 1, "zeros", rel_rows)
-fwd_args = op._fwd_args(q, key, v, rel_rows, rel_cols, y, lse, 1.0, plan_fwd)
+plan = op._op_plan(q, key, v, rel_rows, k, 1, "zeros")
+fwd_args = op._fwd_args(plan, q, key, v, rel_rows, rel_cols, y, lse, 1.0)
 row("triton: forward kernel launch alone (prepared args)",
-    lambda: op._launch(op._local_attn_fwd_kernel, plan_fwd.grid, fwd_args, plan_fwd.meta))
-plan_dq = op._plan("local_bwd_dq", q, k, 1, "zeros", rel_rows)
-plan_dkdv = op._plan("local_bwd_dkdv", q, k, 1, "zeros", rel_rows)
-inputs, sizes, dy_c = op._bwd_args(q, key, v, rel_rows, rel_cols, dy, 1.0)
+    lambda: op._launch(op._local_attn_fwd_kernel, plan.fwd.grid, fwd_args, plan.fwd.meta))
 delta = torch.empty_like(lse)
 dq, dk, dv = (torch.empty_like(q) for _ in range(3))
-drel = torch.empty((plan_dq.programs, k, D), device=dev)
+drel = torch.empty(plan.drel_shape, device=dev)
+dq_args, dkdv_args = op._bwd_args(plan, q, key, v, rel_rows, rel_cols, y, lse, dy, delta, dq, dk, dv, drel, 1.0)
 row("triton: dq kernel launch alone (prepared args)",
-    lambda: op._launch(op._local_attn_bwd_dq_kernel, plan_dq.grid, (*inputs, y, dy_c, lse, delta, dq, drel, *sizes),
-                       plan_dq.meta))
+    lambda: op._launch(op._local_attn_bwd_dq_kernel, plan.dq.grid, dq_args, plan.dq.meta))
 row("triton: dk/dv kernel launch alone (prepared args)",
-    lambda: op._launch(op._local_attn_bwd_dkdv_kernel, plan_dkdv.grid,
-                       (*inputs, dy_c, lse, delta, dk, dv, *sizes), plan_dkdv.meta))
+    lambda: op._launch(op._local_attn_bwd_dkdv_kernel, plan.dkdv.grid, dkdv_args, plan.dkdv.meta))
 row("torch: drel.sum(0) (the table-gradient sum)", lambda: drel.sum(0))
 with torch.no_grad():
     row("op: local_attention2d under no_grad", lambda: sasa_triton.local_attention2d(q, key, v, rel_rows, rel_cols))
@@ -155,8 +151,8 @@ work = {
     "pure Python (a 300-step loop)": lambda: sum(i * i for i in range(300)),
     "5 x torch.empty_like(q)": lambda: [torch.empty_like(q) for _ in range(5)],
     "drel.sum(0)": lambda: drel.sum(0),
-    "Triton dq launch (prepared args)": lambda: op._launch(
-        op._local_attn_bwd_dq_kernel, plan_dq.grid, (*inputs, y, dy_c, lse, delta, dq, drel, *sizes), plan_dq.meta),
+    "Triton dq launch (prepared args)": lambda: op._launch(op._local_attn_bwd_dq_kernel, plan.dq.grid, dq_args,
+                                                           plan.dq.meta),
     "_bwd (the op's whole backward)": lambda: op._bwd(*bwd_args),
 }
 

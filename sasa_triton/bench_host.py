@@ -7,7 +7,8 @@ At 14x14 and 7x7 a SASA kernel runs for 11-27 us on an H100, so the Python aroun
 speed there. This times that path without a GPU: the process runs with TRITON_INTERPRET=1 (so
 CPU tensors take the Triton path exactly as CUDA tensors do) and every kernel launch is replaced
 by a no-op (`sasa_triton.ops.local_attention._launch`), so what is timed is everything but the
-kernel and Triton's own launcher. The fastest of five rounds of `--calls` calls, after a warmup. The default shape
+kernel and Triton's own launcher. `--calls` calls in 40 rounds, after a warmup; the fastest round
+counts (on a shared machine other load only ever adds time), on one CPU thread. The default shape
 has batch 1 so that the CPU's own work on the tensors (allocation, the sum of the relative-table
 partial gradients), which a GPU does asynchronously, stays negligible next to the Python.
 
@@ -22,19 +23,21 @@ import sys
 import time
 
 
-def _time_calls(fn, calls: int, repeats: int = 5, clock=time.process_time) -> float:
-    """The fastest of `repeats` rounds, in mean microseconds per call of fn() (the minimum, as
-    timeit reports: other load on the machine only ever adds time). The default clock is this
+def _time_calls(fn, calls: int, repeats: int = 40, clock=time.process_time) -> float:
+    """Mean microseconds per call of fn() in the fastest of `repeats` rounds of calls / repeats
+    calls each (the minimum, as timeit reports: other load on the machine only ever adds time;
+    many short rounds find a quiet one where a few long ones do not). The default clock is this
     process's CPU time, which other processes on a busy machine do not inflate as they do the
     wall time; with a GPU (kernels really launched) it is the wall time."""
+    per_round = max(1, calls // repeats)
     for _ in range(max(10, calls // 10)):
         fn()
     rounds = []
     for _ in range(repeats):
         start = clock()
-        for _ in range(calls):
+        for _ in range(per_round):
             fn()
-        rounds.append((clock() - start) / calls * 1e6)
+        rounds.append((clock() - start) / per_round * 1e6)
     return min(rounds)
 
 
@@ -47,6 +50,8 @@ def measure(shape=(1, 7, 7, 8, 64), kernel_size=7, calls=2000, device="cpu", stu
     from sasa_triton.ops import local_attention as op
 
     dtype = getattr(torch, dtype_name)
+    if stub:
+        torch.set_num_threads(1)  # the CPU's thread pool only adds noise to a Python-path timing
     B, H, W, heads, D = shape
     gen = torch.Generator().manual_seed(0)
     qkv = torch.randn(B, H, W, 3, heads, D, generator=gen).to(device=device, dtype=dtype)
@@ -134,7 +139,8 @@ def main(argv=None, prog=None) -> int:
           f"k={result['kernel_size']}): forward {result['fwd_us']:.1f} us, "
           f"forward+backward {result['fwd_bwd_us']:.1f} us; PyTorch's floor for the same call (an "
           f"autograd.Function that only allocates the outputs): forward {result['floor_fwd_us']:.1f} us, "
-          f"forward+backward {result['floor_fwd_bwd_us']:.1f} us")
+          f"forward+backward {result['floor_fwd_bwd_us']:.1f} us; the op's own share over that floor: forward+backward "
+          f"{result['fwd_bwd_us'] - result['floor_fwd_bwd_us']:.1f} us")
     return 0
 
 

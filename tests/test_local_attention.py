@@ -18,7 +18,7 @@ import torch
 
 import sasa_triton
 from sasa_triton import tuning
-from sasa_triton.ops.local_attention import _bwd, _fwd
+from sasa_triton.ops.local_attention import _bwd, _fwd, _op_plan
 from sasa_triton.reference import local_attention2d as reference
 
 from helpers import assert_close_to_reference, reference_in_dtype
@@ -348,18 +348,39 @@ def test_every_output_element_is_written(padding, device):
 
 
 def test_noncontiguous_and_channels_last_views(device):
-    """q, k, v as strided views of one fused projection (NCHW and channels_last) need no copy."""
+    """q, k, v as strided views of one fused projection: channels_last needs no copy, NCHW is
+    copied to contiguous tensors first; y and every gradient either way."""
     B, H, W, heads, D, k = 1, 5, 6, 2, 8, 3
     gen = torch.Generator().manual_seed(3)
-    for memory_format in (torch.contiguous_format, torch.channels_last):
+    dy = torch.randn(B, H, W, heads, D, generator=gen, dtype=torch.float64)
+    for memory_format, copied in ((torch.contiguous_format, True), (torch.channels_last, False)):
         qkv = torch.randn(B, 3 * heads * D, H, W, generator=gen).to(device).contiguous(memory_format=memory_format)
         q, key, v = qkv.permute(0, 2, 3, 1).unflatten(-1, (3, heads, D)).unbind(3)
         rel_rows = torch.randn(k, D // 2, generator=gen).to(device)
         rel_cols = torch.randn(k, D - D // 2, generator=gen).to(device)
-        out = sasa_triton.local_attention2d(q, key, v, rel_rows, rel_cols, kernel_size=k, backend="triton")
-        exact = reference(*(t.double() for t in (q, key, v, rel_rows, rel_cols)), kernel_size=k)
-        in_dtype = reference_in_dtype(q, key, v, rel_rows, rel_cols, kernel_size=k)
-        assert_close_to_reference(out, exact, in_dtype, torch.float32, str(memory_format))
+        assert _op_plan(q, key, v, rel_rows, k, 1, "zeros").copy_qkv is copied
+        inputs = [q, key, v, rel_rows, rel_cols]
+        results = results_by_autograd(sasa_triton.local_attention2d, inputs, dy, kernel_size=k, backend="triton")
+        check_results(results, *references(inputs, dy, kernel_size=k), torch.float32, str(memory_format))
+
+
+def test_launch_plans_are_cached_per_layout_and_follow_the_tuning_state(device):
+    """An op call looks its launch plan up once (the backward reuses the forward's); the plan is
+    per shape and strides, and a reset of the tuning state (new configs) rebuilds it."""
+    qkv = torch.randn(1, 4, 4, 3, 2, 8).to(device)
+    q, key, v = qkv.unbind(3)
+    rel_rows, rel_cols = torch.randn(3, 4).to(device), torch.randn(3, 4).to(device)
+    plan = _op_plan(q, key, v, rel_rows, 3, 1, "zeros")
+    assert _op_plan(q, key, v, rel_rows, 3, 1, "zeros") is plan and not plan.copy_qkv
+    assert plan.strides == q.stride()[:3] and plan.drel_shape == (plan.dq.programs, 3, 8)
+    contiguous = _op_plan(q.contiguous(), key.contiguous(), v.contiguous(), rel_rows, 3, 1, "zeros")
+    assert contiguous is not plan and contiguous.strides == q.contiguous().stride()[:3]
+    assert _op_plan(q, key, v, None, 3, 1, "zeros").drel_shape == (1,)
+    tuning.clear_cache()
+    assert _op_plan(q, key, v, rel_rows, 3, 1, "zeros") is not plan
+    with pytest.raises(ValueError, match="rows are too far apart"):
+        wide = torch.empty(1, 4, 2 ** 28, 2, 8, device="meta")
+        _op_plan(wide, wide, wide, None, 3, 1, "zeros")
 
 
 def test_saved_tensors_hold_nothing_of_window_size(device):

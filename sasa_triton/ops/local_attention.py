@@ -638,7 +638,7 @@ def heads_per_program(config: dict, heads: int, head_dim: int) -> int:
 
 
 class _Plan:
-    """What a launch needs besides the tensors, fixed per (kernel, shape, options, config)."""
+    """What a launch of one kernel needs besides the tensors, fixed per (kernel, shape, options, config)."""
     __slots__ = ("config", "meta", "grid", "programs")
 
     def __init__(self, kernel, q, kernel_size, dilation, padding, rel_rows, config):
@@ -653,42 +653,58 @@ class _Plan:
         self.programs = self.grid[0] * self.grid[1] * self.grid[2]
 
 
-_PLANS: dict = {}
-
-
-def _plan(kernel, q, kernel_size, dilation, padding, rel_rows, config=None) -> _Plan:
-    """The launch plan, cached per key (an op call then costs a dict lookup, not a config search).
-    An explicit `config` (tests, the tuner) bypasses the cache."""
-    if config is not None:
-        return _Plan(kernel, q, kernel_size, dilation, padding, rel_rows, config)
-    B, H, W, heads, D = q.shape
-    config = tuning.get_config(kernel, kernel_size, dilation, D, q.dtype, H, W)
-    per_head = rel_rows.dim() == 3 if rel_rows is not None else None
-    precision = dot_precision(q.dtype) if q.dtype == torch.float32 else None
-    key = (kernel, q.shape, q.dtype, kernel_size, dilation, padding, per_head, precision, tuple(config.values()))
-    plan = _PLANS.get(key)
-    if plan is None:
-        plan = _PLANS[key] = _Plan(kernel, q, kernel_size, dilation, padding, rel_rows, config)
-    return plan
-
-
-def _qkv_strides(q, k, v):
-    """q, k and v share one set of (b, h, w) strides with heads and channels packed (strides D and
-    1), as views of one channels_last qkv tensor do; otherwise they are copied to contiguous
-    tensors first."""
-    strides = q.stride()
-    if strides[3:] != (q.shape[4], 1) or k.stride() != strides or v.stride() != strides:
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        strides = q.stride()
-    return q, k, v, strides[:3]
-
-
-def _check_offsets(stride_h: int, plan) -> None:
+def _check_offsets(stride_h: int, plan: _Plan) -> None:
     """The kernels address a tile's haloed strip with int32 offsets from an int64 origin."""
     rows = plan.meta["BLOCK_H"] + 2 * plan.meta["DILATION"] * (plan.meta["KSIZE"] // 2) + plan.meta["STEP_ROWS"]
     if rows * abs(stride_h) >= 2 ** 31:
         raise ValueError(f"q, k, v rows are too far apart (row stride {stride_h}): a tile's {rows} haloed rows "
                          f"need int32 offsets; use images with fewer than 2**31 / {rows} elements per row")
+
+
+class _OpPlan:
+    """Everything an op call needs besides its tensors, fixed per (shapes, strides, dtype, options,
+    configs): the three kernels' plans, whether q, k, v must be copied first (the kernels take
+    one set of (b, h, w) strides with heads and channels packed, as views of one channels_last
+    qkv tensor have; anything else is copied to contiguous tensors), the strides the kernels then
+    read, and the shape of the tables' partial gradients. An op call then does no Python work
+    that depends only on these."""
+    __slots__ = ("fwd", "dq", "dkdv", "copy_qkv", "strides", "sizes", "drel_shape")
+
+    def __init__(self, q, k, v, rel_rows, kernel_size, dilation, padding, configs):
+        B, H, W, heads, D = q.shape
+        strides = q.stride()
+        self.copy_qkv = strides[3:] != (D, 1) or k.stride() != strides or v.stride() != strides
+        self.strides = (H * W * heads * D, W * heads * D, heads * D) if self.copy_qkv else strides[:3]
+        self.sizes = (H, W, heads)
+        self.fwd, self.dq, self.dkdv = (
+            _Plan(name, q, kernel_size, dilation, padding, rel_rows,
+                  configs.get(name) or tuning.get_config(name, kernel_size, dilation, D, q.dtype, H, W))
+            for name in KERNELS)
+        for plan in (self.fwd, self.dq, self.dkdv):
+            _check_offsets(self.strides[1], plan)
+        self.drel_shape = (self.dq.programs, kernel_size, D) if rel_rows is not None else (1,)
+
+
+_PLANS: dict = {}  # key -> (the tuning state its configs came from, _OpPlan)
+
+
+def _op_plan(q, k, v, rel_rows, kernel_size, dilation, padding, configs=None) -> _OpPlan:
+    """The op's plan, cached per key (an op call then costs one dict lookup); rebuilt when the
+    tuning state is reset (tuning.clear_cache). Explicit `configs` ({kernel: config}: tests, the
+    tuner) bypass the cache."""
+    if configs:
+        return _OpPlan(q, k, v, rel_rows, kernel_size, dilation, padding, configs)
+    per_head = None if rel_rows is None else rel_rows.dim() == 3
+    precision = dot_precision(q.dtype) if q.dtype == torch.float32 else None
+    key = (q.shape, q.stride(), k.stride(), v.stride(), q.dtype, kernel_size, dilation, padding, per_head, precision)
+    cached = _PLANS.get(key)
+    if cached is not None and cached[0] is tuning._state:
+        return cached[1]
+    plan = _OpPlan(q, k, v, rel_rows, kernel_size, dilation, padding, {})
+    if len(_PLANS) >= 4096:
+        _PLANS.clear()
+    _PLANS[key] = (tuning._state, plan)
+    return plan
 
 
 def _tables(rel_rows, rel_cols, q):
@@ -702,39 +718,42 @@ def _launch(kernel, grid, args, meta):
     launchable(kernel)[grid](*args, **meta)
 
 
-def _fwd_args(q, k, v, rel_rows, rel_cols, y, lse, scale, plan):
-    q, k, v, strides = _qkv_strides(q, k, v)
-    _check_offsets(strides[1], plan)
-    rel_rows, rel_cols = _tables(rel_rows, rel_cols, q)
-    B, H, W, heads, _ = q.shape
-    return (q, k, v, rel_rows, rel_cols, y, lse, *strides, H, W, heads, scale * LOG2E)
+def _fwd_args(plan, q, k, v, rel_rows, rel_cols, y, lse, scale):
+    return (q, k, v, *_tables(rel_rows, rel_cols, q), y, lse, *plan.strides, *plan.sizes, scale * LOG2E)
 
 
-def _fwd(q, k, v, rel_rows, rel_cols, kernel_size, dilation, scale, padding, y=None, lse=None, config=None):
+def _bwd_args(plan, q, k, v, rel_rows, rel_cols, y, lse, dy, delta, dq, dk, dv, drel, scale):
+    """The dq and dk/dv kernels' arguments; dy as given (heads and channels packed)."""
+    dy_strides = dy.stride()[:3]
+    if dy_strides[1] > plan.strides[1]:
+        for kernel_plan in (plan.dq, plan.dkdv):
+            _check_offsets(dy_strides[1], kernel_plan)
+    inputs = (q, k, v, *_tables(rel_rows, rel_cols, q))
+    sizes = (*plan.strides, *dy_strides, *plan.sizes, float(scale))
+    return (*inputs, y, dy, lse, delta, dq, drel, *sizes), (*inputs, dy, lse, delta, dk, dv, *sizes)
+
+
+def _fwd(q, k, v, rel_rows, rel_cols, kernel_size, dilation, scale, padding, y=None, lse=None, config=None,
+         plan=None):
     """Launch the forward kernel. Returns y (B, H, W, heads, D), contiguous, and lse (B, heads, H, W)
     fp32. `y`/`lse` may be passed in (the tests poison them to prove every element is written)."""
+    given = y is not None or lse is not None
     y, lse = attention_outputs(q, y, lse)
     if y.numel() == 0:
         return y, lse
-    if not (y.is_contiguous() and lse.is_contiguous()):
+    if given and not (y.is_contiguous() and lse.is_contiguous()):
         raise ValueError("y and lse must be contiguous (the kernel writes them as such)")
-    plan = _plan("local_fwd", q, kernel_size, dilation, padding, rel_rows, config)
-    _launch(_local_attn_fwd_kernel, plan.grid, _fwd_args(q, k, v, rel_rows, rel_cols, y, lse, scale, plan),
-            plan.meta)
+    if plan is None:
+        plan = _op_plan(q, k, v, rel_rows, kernel_size, dilation, padding, config and {"local_fwd": config})
+    if plan.copy_qkv:
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    _launch(_local_attn_fwd_kernel, plan.fwd.grid, _fwd_args(plan, q, k, v, rel_rows, rel_cols, y, lse, scale),
+            plan.fwd.meta)
     return y, lse
 
 
-def _bwd_args(q, k, v, rel_rows, rel_cols, dy, scale):
-    q, k, v, strides = _qkv_strides(q, k, v)
-    if dy.stride()[3:] != (dy.shape[4], 1):
-        dy = dy.contiguous()
-    rel_rows, rel_cols = _tables(rel_rows, rel_cols, q)
-    B, H, W, heads, _ = q.shape
-    return (q, k, v, rel_rows, rel_cols), (*strides, *dy.stride()[:3], H, W, heads, float(scale)), dy
-
-
 def _bwd(q, k, v, rel_rows, rel_cols, y, lse, dy, kernel_size, dilation, scale, padding,
-         grads=None, config_dq=None, config_dkdv=None):
+         grads=None, config_dq=None, config_dkdv=None, plan=None):
     """Launch the backward kernels. Returns dq, dk, dv (contiguous) and d rel_rows, d rel_cols (None
     without tables). `grads` may hold preallocated contiguous (dq, dk, dv) buffers (the tests
     poison them)."""
@@ -748,20 +767,21 @@ def _bwd(q, k, v, rel_rows, rel_cols, y, lse, dy, kernel_size, dilation, scale, 
     if q.numel() == 0:
         zero = lambda t: None if t is None else torch.zeros_like(t)
         return dq, dk, dv, zero(rel_rows), zero(rel_cols)
+    if plan is None:
+        configs = {"local_bwd_dq": config_dq, "local_bwd_dkdv": config_dkdv} if config_dq or config_dkdv else None
+        plan = _op_plan(q, k, v, rel_rows, kernel_size, dilation, padding, configs)
+    if plan.copy_qkv:
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     if not y.is_contiguous():
         y = y.contiguous()
+    if dy.stride()[3:] != (D, 1):
+        dy = dy.contiguous()
     delta = torch.empty_like(lse)
-    inputs, sizes, dy = _bwd_args(q, k, v, rel_rows, rel_cols, dy, scale)
-    plan_dq = _plan("local_bwd_dq", q, kernel_size, dilation, padding, rel_rows, config_dq)
-    plan_dkdv = _plan("local_bwd_dkdv", q, kernel_size, dilation, padding, rel_rows, config_dkdv)
-    for plan in (plan_dq, plan_dkdv):
-        _check_offsets(max(sizes[1], sizes[4]), plan)
     # Per-program partial gradients of the tables, (programs, k, D) fp32, summed below.
-    drel = torch.empty((plan_dq.programs, kernel_size, D) if has_rel else (1,), device=q.device,
-                       dtype=torch.float32)
-    _launch(_local_attn_bwd_dq_kernel, plan_dq.grid, (*inputs, y, dy, lse, delta, dq, drel, *sizes), plan_dq.meta)
-    _launch(_local_attn_bwd_dkdv_kernel, plan_dkdv.grid, (*inputs, dy, lse, delta, dk, dv, *sizes),
-            plan_dkdv.meta)  # reads delta
+    drel = torch.empty(plan.drel_shape, device=q.device, dtype=torch.float32)
+    dq_args, dkdv_args = _bwd_args(plan, q, k, v, rel_rows, rel_cols, y, lse, dy, delta, dq, dk, dv, drel, scale)
+    _launch(_local_attn_bwd_dq_kernel, plan.dq.grid, dq_args, plan.dq.meta)
+    _launch(_local_attn_bwd_dkdv_kernel, plan.dkdv.grid, dkdv_args, plan.dkdv.meta)  # reads delta
     if not has_rel:
         return dq, dk, dv, None, None
     # (B, heads, tiles, k, D) -> (k, D) or (heads, k, D): a deterministic sum over batch and tiles.
@@ -793,21 +813,14 @@ def static_specs(shape=(32, 56, 56, 8, 64), dtype=torch.bfloat16, kernel_size=7,
     lse = torch.empty((B, heads, H, W), device="meta")
     delta = torch.empty_like(lse)
 
-    def plan(name):
-        config = configs.get(name) or tuning.get_config(name, kernel_size, dilation, D, dtype, H, W)
-        return _Plan(name, q, kernel_size, dilation, padding, rel_rows, config)
-
-    fwd = plan("local_fwd")
-    fwd_args = _fwd_args(q, k, v, rel_rows, rel_cols, y, lse, 1.0, fwd)
-    plan_dq, plan_dkdv = plan("local_bwd_dq"), plan("local_bwd_dkdv")
-    drel = torch.empty((plan_dq.programs, kernel_size, D) if has_rel else (1,), device="meta")
-    inputs, sizes, dy = _bwd_args(q, k, v, rel_rows, rel_cols, dy, 1.0)
+    plan = _OpPlan(q, k, v, rel_rows, kernel_size, dilation, padding, configs)
+    drel = torch.empty(plan.drel_shape, device="meta")
+    dq_args, dkdv_args = _bwd_args(plan, q, k, v, rel_rows, rel_cols, y, lse, dy, delta, dq, dk, dv, drel, 1.0)
     return [
-        spec_from_launch("local_fwd", _local_attn_fwd_kernel, fwd_args, fwd.meta),
-        spec_from_launch("local_bwd_dq", _local_attn_bwd_dq_kernel,
-                         (*inputs, y, dy, lse, delta, dq, drel, *sizes), plan_dq.meta),
-        spec_from_launch("local_bwd_dkdv", _local_attn_bwd_dkdv_kernel,
-                         (*inputs, dy, lse, delta, dk, dv, *sizes), plan_dkdv.meta),
+        spec_from_launch("local_fwd", _local_attn_fwd_kernel,
+                         _fwd_args(plan, q, k, v, rel_rows, rel_cols, y, lse, 1.0), plan.fwd.meta),
+        spec_from_launch("local_bwd_dq", _local_attn_bwd_dq_kernel, dq_args, plan.dq.meta),
+        spec_from_launch("local_bwd_dkdv", _local_attn_bwd_dkdv_kernel, dkdv_args, plan.dkdv.meta),
     ]
 
 
@@ -819,16 +832,19 @@ def static_specs(shape=(32, 56, 56, 8, 64), dtype=torch.bfloat16, kernel_size=7,
 class _LocalAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, rel_rows, rel_cols, kernel_size, dilation, scale, padding):
-        q, k, v, _ = _qkv_strides(q, k, v)  # saved as the kernels read them: the backward copies nothing again
-        y, lse = _fwd(q, k, v, rel_rows, rel_cols, kernel_size, dilation, scale, padding)
+        plan = _op_plan(q, k, v, rel_rows, kernel_size, dilation, padding) if q.numel() else None
+        if plan is not None and plan.copy_qkv:  # saved as the kernels read them: the backward copies nothing again
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        y, lse = _fwd(q, k, v, rel_rows, rel_cols, kernel_size, dilation, scale, padding, plan=plan)
         ctx.save_for_backward(q, k, v, rel_rows, rel_cols, y, lse)
         ctx.args = (kernel_size, dilation, scale, padding)
+        ctx.plan = plan  # the backward's launches need no lookup
         return y
 
     @staticmethod
     def backward(ctx, dy):
         q, k, v, rel_rows, rel_cols, y, lse = ctx.saved_tensors
-        grads = _bwd(q, k, v, rel_rows, rel_cols, y, lse, dy, *ctx.args)
+        grads = _bwd(q, k, v, rel_rows, rel_cols, y, lse, dy, *ctx.args, plan=ctx.plan)
         return (*grads, None, None, None, None)
 
 
