@@ -21,6 +21,7 @@ and gives dk and dv.
 """
 from __future__ import annotations
 
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -29,8 +30,8 @@ import triton.language as tl
 
 from .. import tuning
 from .._library import attention_outputs, autocast_inputs, define_op, launchable
-from .._utils import (check_kernel_dtype, check_local_attention_args, dot_precision, interpreter_enabled,
-                      resolve_backend)
+from .._utils import (KERNEL_DTYPES, check_kernel_dtype, check_local_attention_args, dot_precision,
+                      interpreter_enabled, resolve_backend)
 
 LOG2E = 1.4426950408889634
 
@@ -903,12 +904,6 @@ _local_attention2d_fwd.register_autograd(_backward, setup_context=_setup_context
 _INTERPRET = interpreter_enabled()
 
 
-def _traced(q: torch.Tensor) -> bool:
-    """True while torch.compile traces, or for fake/meta/functional tensors (only the registered
-    ops handle those); cheap enough to ask on every call."""
-    return type(q) is not torch.Tensor or q.device.type == "meta" or torch.compiler.is_compiling()
-
-
 def local_attention2d(q, k, v, rel_rows=None, rel_cols=None, kernel_size=7, dilation=1, scale=1.0,
                       padding="zeros", backend="auto"):
     """Stand-alone self-attention over a k x k window (SPEC section 1), fused in Triton.
@@ -931,17 +926,15 @@ def local_attention2d(q, k, v, rel_rows=None, rel_cols=None, kernel_size=7, dila
         (B, H, W, heads, D) in q's dtype.
     """
     if torch.compiler.is_compiling():  # shapes may be symbolic: hashing them would specialize
-        check_local_attention_args(q, k, v, rel_rows, rel_cols, kernel_size, dilation, scale, padding)
-    elif not _validated(q, k, v, rel_rows, rel_cols, kernel_size, dilation, scale, padding, backend):
-        check_local_attention_args(q, k, v, rel_rows, rel_cols, kernel_size, dilation, scale, padding)
-    if resolve_backend(backend, q.device) == "reference":
+        route = _check_and_route(q, k, v, rel_rows, rel_cols, kernel_size, dilation, scale, padding, backend, True)
+    else:
+        route = _route(q, k, v, rel_rows, rel_cols, kernel_size, dilation, scale, padding, backend)
+    if route == "reference":
         from ..reference import local_attention2d as reference_op
         return reference_op(q, k, v, rel_rows, rel_cols, kernel_size, dilation, scale, padding)
     q, k, v = autocast_inputs(q, k, v)
-    check_kernel_dtype("q", q)
-    if rel_rows is not None:
-        check_kernel_dtype("rel_rows", rel_rows)
-        check_kernel_dtype("rel_cols", rel_cols)
+    if q.dtype not in KERNEL_DTYPES:  # float64 under autocast stays float64
+        check_kernel_dtype("q", q)
     scale = float(scale)
     if _INTERPRET and q.dtype == torch.bfloat16:
         # Triton's CPU interpreter computes bfloat16 wrongly (values of order 1e8 where 3 is
@@ -951,7 +944,7 @@ def local_attention2d(q, k, v, rel_rows=None, rel_cols=None, kernel_size=7, dila
         with torch.autocast(q.device.type, enabled=False):
             y = local_attention2d(q32, k32, v32, rel_rows, rel_cols, kernel_size, dilation, scale, padding, backend)
         return y.to(torch.bfloat16)
-    if _traced(q):
+    if route == "registered":
         return _local_attention2d_fwd(q, k, v, rel_rows, rel_cols, kernel_size, dilation, scale, padding)[0]
     if not torch.is_grad_enabled() or not (q.requires_grad or k.requires_grad or v.requires_grad or (
             rel_rows is not None and (rel_rows.requires_grad or rel_cols.requires_grad))):
@@ -959,23 +952,36 @@ def local_attention2d(q, k, v, rel_rows=None, rel_cols=None, kernel_size=7, dila
     return _LocalAttention.apply(q, k, v, rel_rows, rel_cols, kernel_size, dilation, scale, padding)
 
 
-_VALID_CALLS: set = set()
+def _check_and_route(q, k, v, rel_rows, rel_cols, kernel_size, dilation, scale, padding, backend, compiling):
+    """Check the arguments; return how the call runs: "reference", "registered" (the torch.library
+    ops: while torch.compile traces, and for fake, meta or functional tensors, which only they
+    handle) or "triton" (the launchers, through a torch.autograd.Function when grads are needed)."""
+    check_local_attention_args(q, k, v, rel_rows, rel_cols, kernel_size, dilation, scale, padding)
+    if resolve_backend(backend, q.device) == "reference":
+        return "reference"
+    if rel_rows is not None:
+        check_kernel_dtype("rel_rows", rel_rows)
+        check_kernel_dtype("rel_cols", rel_cols)
+    return "registered" if compiling or type(q) is not torch.Tensor or q.device.type == "meta" else "triton"
 
 
-def _validated(q, k, v, rel_rows, rel_cols, kernel_size, dilation, scale, padding, backend) -> bool:
-    """Whether check_local_attention_args already passed for arguments like these (same types,
-    shapes, dtypes and devices): the checks then run once per shape, not once per call."""
+_ROUTES: dict = {}
+
+
+def _route(q, k, v, rel_rows, rel_cols, kernel_size, dilation, scale, padding, backend) -> str:
+    """_check_and_route, once per kind of call (same types, shapes, dtypes and devices, options,
+    and TRITON_INTERPRET setting): the checks then cost one dict lookup per call."""
     try:
         rel = None if rel_rows is None else (type(rel_rows), rel_rows.shape, rel_rows.dtype, rel_rows.device,
                                              type(rel_cols), rel_cols.shape, rel_cols.dtype, rel_cols.device)
         key = (type(q), type(k), type(v), q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device,
                k.device, v.device, rel, kernel_size, type(kernel_size), dilation, type(dilation), type(scale),
-               padding, backend)
-        if key in _VALID_CALLS:
-            return True
+               padding, backend, os.environ.get("TRITON_INTERPRET"))
+        route = _ROUTES.get(key)
     except (AttributeError, TypeError):  # not tensors, or unhashable arguments: the full checks say why
-        return False
-    check_local_attention_args(q, k, v, rel_rows, rel_cols, kernel_size, dilation, scale, padding)
-    if len(_VALID_CALLS) < 4096:
-        _VALID_CALLS.add(key)
-    return True
+        return _check_and_route(q, k, v, rel_rows, rel_cols, kernel_size, dilation, scale, padding, backend, False)
+    if route is None:
+        route = _check_and_route(q, k, v, rel_rows, rel_cols, kernel_size, dilation, scale, padding, backend, False)
+        if len(_ROUTES) < 4096:
+            _ROUTES[key] = route
+    return route
