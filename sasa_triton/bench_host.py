@@ -7,8 +7,9 @@ At 14x14 and 7x7 a SASA kernel runs for 11-27 us on an H100, so the Python aroun
 speed there. This times that path without a GPU: the process runs with TRITON_INTERPRET=1 (so
 CPU tensors take the Triton path exactly as CUDA tensors do) and every kernel launch is replaced
 by a no-op (`sasa_triton.ops.local_attention._launch`), so what is timed is everything but the
-kernel and Triton's own launcher. `--calls` calls in 40 rounds, after a warmup; the fastest round
-counts (on a shared machine other load only ever adds time), on one CPU thread. The default shape
+kernel and Triton's own launcher. `--calls` calls in 40 rounds, after a warmup, alternating with
+PyTorch's floor for the same call; the fastest round counts (on a shared machine other load only
+ever adds time), on one CPU thread. The default shape
 has batch 1 so that the CPU's own work on the tensors (allocation, the sum of the relative-table
 partial gradients), which a GPU does asynchronously, stays negligible next to the Python.
 
@@ -23,22 +24,27 @@ import sys
 import time
 
 
-def _time_calls(fn, calls: int, repeats: int = 40, clock=time.process_time) -> float:
-    """Mean microseconds per call of fn() in the fastest of `repeats` rounds of calls / repeats
-    calls each (the minimum, as timeit reports: other load on the machine only ever adds time;
-    many short rounds find a quiet one where a few long ones do not). The default clock is this
-    process's CPU time, which other processes on a busy machine do not inflate as they do the
-    wall time; with a GPU (kernels really launched) it is the wall time."""
-    per_round = max(1, calls // repeats)
-    for _ in range(max(10, calls // 10)):
-        fn()
-    rounds = []
-    for _ in range(repeats):
-        start = clock()
-        for _ in range(per_round):
+def _time_rounds(jobs: dict, repeats: int = 40, clock=time.process_time, sync=lambda: None) -> dict:
+    """{name: mean microseconds per call of fn in its fastest round} for jobs {name: (fn, calls)}:
+    `repeats` rounds, each running every job's fn calls / repeats times in turn, so that the op
+    and its floor see the same moments of a shared machine (the minimum, as timeit reports: other
+    load only ever adds time; many short rounds find a quiet one where a few long ones do not).
+    The default clock is this process's CPU time, which other processes do not inflate as they do
+    the wall time; with a GPU (kernels really launched) it is the wall time."""
+    best = {name: float("inf") for name in jobs}
+    for fn, calls in jobs.values():
+        for _ in range(max(10, calls // 10)):
             fn()
-        rounds.append((clock() - start) / per_round * 1e6)
-    return min(rounds)
+    sync()
+    for _ in range(repeats):
+        for name, (fn, calls) in jobs.items():
+            per_round = max(1, calls // repeats)
+            start = clock()
+            for _ in range(per_round):
+                fn()
+            best[name] = min(best[name], (clock() - start) / per_round * 1e6)
+            sync()
+    return best
 
 
 def measure(shape=(1, 7, 7, 8, 64), kernel_size=7, calls=2000, device="cpu", stub=True,
@@ -50,8 +56,6 @@ def measure(shape=(1, 7, 7, 8, 64), kernel_size=7, calls=2000, device="cpu", stu
     from sasa_triton.ops import local_attention as op
 
     dtype = getattr(torch, dtype_name)
-    if stub:
-        torch.set_num_threads(1)  # the CPU's thread pool only adds noise to a Python-path timing
     B, H, W, heads, D = shape
     gen = torch.Generator().manual_seed(0)
     qkv = torch.randn(B, H, W, 3, heads, D, generator=gen).to(device=device, dtype=dtype)
@@ -63,9 +67,10 @@ def measure(shape=(1, 7, 7, 8, 64), kernel_size=7, calls=2000, device="cpu", stu
     kwargs = dict(kernel_size=kernel_size, dilation=1, scale=1.0, padding="zeros", backend="triton")
 
     launched = []
-    real_launch = op._launch
+    real_launch, threads = op._launch, torch.get_num_threads()
     if stub:
         op._launch = lambda kernel, grid, args, meta: launched.append(grid)
+        torch.set_num_threads(1)  # the CPU's thread pool only adds noise to a Python-path timing
     try:
         def forward():
             with torch.no_grad():
@@ -75,44 +80,40 @@ def measure(shape=(1, 7, 7, 8, 64), kernel_size=7, calls=2000, device="cpu", stu
             y = sasa_triton.local_attention2d(*leaves, **kwargs)
             torch.autograd.grad(y, leaves, dy)
 
-        sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-        clock = time.perf_counter if device == "cuda" else time.process_time
-        fwd = _time_calls(forward, calls, clock=clock)
-        sync()
-        fwd_bwd = _time_calls(forward_backward, max(1, calls // 4), clock=clock)
-        sync()
+        # PyTorch's own floor for the same call shape: an autograd.Function that validates
+        # nothing, launches nothing and only allocates the op's outputs and gradients.
+        class Floor(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, q, k, v, rel_rows, rel_cols):
+                y, lse = torch.empty_like(q), q.new_empty(q.shape[:4], dtype=torch.float32)
+                ctx.save_for_backward(q, k, v, rel_rows, rel_cols, y, lse)
+                return y
+
+            @staticmethod
+            def backward(ctx, dy):
+                q, k, v, rel_rows, rel_cols, y, lse = ctx.saved_tensors
+                return (*torch.empty((3, *q.shape), dtype=q.dtype, device=q.device).unbind(0),
+                        torch.empty_like(rel_rows), torch.empty_like(rel_cols))
+
+        def floor_forward():
+            with torch.no_grad():
+                Floor.apply(q, k, v, rel_rows, rel_cols)
+
+        def floor_forward_backward():
+            torch.autograd.grad(Floor.apply(*leaves), leaves, dy)
+
+        best = _time_rounds({"fwd_us": (forward, calls), "fwd_bwd_us": (forward_backward, max(1, calls // 4)),
+                             "floor_fwd_us": (floor_forward, calls),
+                             "floor_fwd_bwd_us": (floor_forward_backward, max(1, calls // 4))},
+                            clock=time.perf_counter if device == "cuda" else time.process_time,
+                            sync=torch.cuda.synchronize if device == "cuda" else (lambda: None))
     finally:
         op._launch = real_launch
+        torch.set_num_threads(threads)
     if stub:
         assert launched, "no kernel launch reached the stub: the benchmark timed the wrong path"
-
-    # PyTorch's own floor for the same call shape: an autograd.Function that validates nothing,
-    # launches nothing and only allocates the op's outputs and gradients.
-    class Floor(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, q, k, v, rel_rows, rel_cols):
-            y, lse = torch.empty_like(q), q.new_empty(q.shape[:4], dtype=torch.float32)
-            ctx.save_for_backward(q, k, v, rel_rows, rel_cols, y, lse)
-            return y
-
-        @staticmethod
-        def backward(ctx, dy):
-            q, k, v, rel_rows, rel_cols, y, lse = ctx.saved_tensors
-            return (*torch.empty((3, *q.shape), dtype=q.dtype, device=q.device).unbind(0), torch.empty_like(rel_rows),
-                    torch.empty_like(rel_cols))
-
-    def floor_forward():
-        with torch.no_grad():
-            Floor.apply(q, k, v, rel_rows, rel_cols)
-
-    def floor_forward_backward():
-        torch.autograd.grad(Floor.apply(*leaves), leaves, dy)
-
-    floor_fwd = _time_calls(floor_forward, calls, clock=clock)
-    floor_fwd_bwd = _time_calls(floor_forward_backward, max(1, calls // 4), clock=clock)
     return {"shape": list(shape), "kernel_size": kernel_size, "device": device, "stubbed": stub,
-            "fwd_us": round(fwd, 2), "fwd_bwd_us": round(fwd_bwd, 2),
-            "floor_fwd_us": round(floor_fwd, 2), "floor_fwd_bwd_us": round(floor_fwd_bwd, 2)}
+            **{name: round(us, 2) for name, us in best.items()}}
 
 
 def main(argv=None, prog=None) -> int:

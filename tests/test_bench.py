@@ -405,3 +405,29 @@ def test_cuda_graph_training_step_follows_the_capture_recipe(monkeypatch):
     assert events == ["side stream", *warm, "main stream", "grads None", "capture begins", "step", "capture ends",
                       "replay"]
     assert row.ms_median == 1.0 and row.images_per_s == 2 / 1e-3
+
+
+def test_host_path_benchmark_reaches_the_launch_stub(device):
+    """python -m sasa_triton.bench_host's measurement: the op and PyTorch's floor, timed through
+    the stubbed launch (measure asserts that a launch reached the stub), leaving the thread
+    count as it was."""
+    if device.type != "cpu":
+        pytest.skip("the launch-stubbed benchmark runs the interpreter's CPU path")
+    from sasa_triton import bench_host
+
+    threads = torch.get_num_threads()
+    result = bench_host.measure(calls=40)
+    assert torch.get_num_threads() == threads
+    for name in ("fwd_us", "fwd_bwd_us", "floor_fwd_us", "floor_fwd_bwd_us"):
+        assert 0 < result[name] < 1e6, (name, result)
+    assert result["stubbed"] and result["shape"] == [1, 7, 7, 8, 64]
+
+
+@pytest.mark.gpu
+def test_gpu_host_path_benchmark_launches_the_kernels():
+    """bench_host --gpu: CUDA tensors, the kernels really launched, wall time per call."""
+    from sasa_triton import bench_host
+
+    result = bench_host.measure(calls=40, device="cuda", stub=False, dtype_name="bfloat16")
+    for name in ("fwd_us", "fwd_bwd_us", "floor_fwd_us", "floor_fwd_bwd_us"):
+        assert 0 < result[name] < 1e6, (name, result)
