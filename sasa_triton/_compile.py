@@ -103,6 +103,8 @@ def compile_spec(spec: KernelSpec, arch: int = 90):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from ._library import LAUNCH_OPTIONS
+
     if not hasattr(spec.kernel, "arg_names") or type(spec.kernel).__name__ == "InterpretedFunction":
         raise RuntimeError("static compilation needs TRITON_INTERPRET unset when triton is imported")
     signature, constexprs = {}, {}
@@ -115,7 +117,7 @@ def compile_spec(spec: KernelSpec, arch: int = 90):
     attrs = {(spec.kernel.arg_names.index(n),): [["tt.divisibility", 16]]
              for n in spec.divisible if n not in spec.constexprs}
     target = GPUTarget("cuda", arch, 32)
-    options = {"num_warps": spec.num_warps, "num_stages": spec.num_stages}
+    options = {"num_warps": spec.num_warps, "num_stages": spec.num_stages, **LAUNCH_OPTIONS}
     try:
         src = ASTSource(fn=spec.kernel, signature=signature, constexprs=constexprs, attrs=attrs)
         return triton.compile(src, target=target, options=options)
@@ -175,10 +177,12 @@ def dump_sass(cubin: bytes, arch: int = 90) -> str | None:
 
 
 def sass_tensor_core_counts(sass: str | None) -> dict:
-    """Counts of tensor-core instructions in SASS (HGMMA: Hopper wgmma; HMMA: mma.sync)."""
+    """Counts of tensor-core instructions in SASS (HGMMA: Hopper wgmma; HMMA: mma.sync) and of fused
+    multiply-adds (FFMA: the kernels compile with fp fusion, _library.LAUNCH_OPTIONS)."""
+    names = ("HGMMA", "HMMA", "FFMA")
     if sass is None:
-        return {"HGMMA": None, "HMMA": None}
-    return {"HGMMA": len(re.findall(r"\bHGMMA\b", sass)), "HMMA": len(re.findall(r"\bHMMA\b", sass))}
+        return dict.fromkeys(names)
+    return {name: len(re.findall(rf"\b{name}\b", sass)) for name in names}
 
 
 SASS_INSTRUCTION = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+([^;]*);", re.M)

@@ -555,8 +555,6 @@ def main(argv=None, prog=None) -> int:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         # The interpreter replaces the @triton.jit functions; compile in a clean process.
         return _reexec(argv)
-    import warnings
-    warnings.filterwarnings("ignore", message=".*TRITON_DEFAULT_FP_FUSION.*")  # triton 3.9's notice, not ours
     import triton
 
     args.tuned_table, notes = read_tuned_files(args.tuned_file)

@@ -368,7 +368,7 @@ def test_kernels_compile_for_sm90_without_spills():
     if why_not:
         pytest.skip(why_not)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    env["TRITON_DEFAULT_FP_FUSION"] = "0"  # Triton 3.10's default: the kernels ask for fusion themselves
     proc = subprocess.run([sys.executable, "-c", SM90_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     reports = json.loads(proc.stdout.strip().splitlines()[-1])

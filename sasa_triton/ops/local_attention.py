@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from .. import tuning
-from .._library import attention_outputs, autocast_inputs, define_op, launchable
+from .._library import LAUNCH_OPTIONS, attention_outputs, autocast_inputs, define_op, launchable
 from .._utils import (KERNEL_DTYPES, check_kernel_dtype, check_local_attention_args, dot_precision,
                       interpreter_enabled, resolve_backend)
 
@@ -716,7 +716,7 @@ def _tables(rel_rows, rel_cols, q):
 
 def _launch(kernel, grid, args, meta):
     """Every launch goes through here (the host-path benchmark stubs it out)."""
-    launchable(kernel)[grid](*args, **meta)
+    launchable(kernel)[grid](*args, **meta, **LAUNCH_OPTIONS)
 
 
 def _fwd_args(plan, q, k, v, rel_rows, rel_cols, y, lse, scale):
