@@ -326,17 +326,22 @@ def make_plan(args, device, device_name: str, bandwidth_gbps: float) -> tuple[li
                 for pass_ in ("inference", "training"):
                     cases.append(Case("model", name, f"{S}x{S}", S, 3, 7 if name.startswith("sasa") else "", pass_,
                                       stem))
-        # The same steps captured in CUDA graphs: the kernels without the per-call host cost that
-        # dominates the small stages in eager mode. Last: a failed capture cannot spoil other rows.
-        graphed = [Case(c.section, c.provider, c.shape, c.H, c.C, c.k, c.pass_ + GRAPH_SUFFIX, c.stem)
-                   for c in cases if c.section == "model"]
-        if device.type == "cuda":
-            cases += graphed
-        elif graphed:
-            note = "CUDA graphs: CUDA only"
-            log(f"models inference/training{GRAPH_SUFFIX}: left out: {note}")
-            left_out.append(Row("model", device_name, dtype, "models", "-", "-", args.batch, 0, 0, 3, "", "", "",
-                                "inference/training" + GRAPH_SUFFIX, note=note))
+        # Eager training with the backward on the calling thread: PyTorch hands a CUDA backward to
+        # a device thread, a hand-over its developers describe as costing cache misses and context
+        # switches for a one-device graph (pytorch/pytorch#192004); then the same steps captured in
+        # CUDA graphs: the kernels without the per-call host cost that dominates the small stages
+        # in eager mode. Graphs last: a failed capture cannot spoil other rows.
+        models = [c for c in cases if c.section == "model"]
+        variants = [(" training" + CALLER_SUFFIX, [c for c in models if c.pass_ == "training"], CALLER_SUFFIX,
+                     "on the CPU the backward runs on the calling thread already"),
+                    (" inference/training" + GRAPH_SUFFIX, models, GRAPH_SUFFIX, "CUDA graphs: CUDA only")]
+        for label, base, suffix, cpu_note in variants:
+            if device.type == "cuda":
+                cases += [Case(c.section, c.provider, c.shape, c.H, c.C, c.k, c.pass_ + suffix, c.stem) for c in base]
+            elif base:
+                log(f"models{label}: left out: {cpu_note}")
+                left_out.append(Row("model", device_name, dtype, "models", "-", "-", args.batch, 0, 0, 3, "", "", "",
+                                    label.strip(), note=cpu_note))
     return cases, left_out
 
 
@@ -488,6 +493,7 @@ def _make_model(case: Case, args, device, dtype):
 
 
 GRAPH_SUFFIX = " (CUDA graph)"
+CALLER_SUFFIX = " (backward on the calling thread)"  # torch.autograd.set_multithreading_enabled(False)
 
 
 def _captured(step, prepare=lambda: None, warmup: int = 3):
@@ -542,8 +548,11 @@ def _time_model(row: Row, case: Case, setup, args, timer: Timer) -> None:
         fn = _captured(step if case.pass_.startswith("training") else fn, prepare)
     # Model steps take tens of ms: a longer do_bench budget gives the quantiles enough samples.
     rep_ms = {"quick": 100, "default": 300, "full": 1500}[timer.mode]
-    row.ms_median, row.ms_p20, row.ms_p80 = timer(fn, min_reps=2 if timer.mode == "quick" else 3, rep_ms=rep_ms)
-    row.peak_mem_mb = timer.peak_memory_mb(fn)
+    # (the flag is the calling thread's own: set around the timing, it holds for every step timed)
+    caller_thread = case.pass_.endswith(CALLER_SUFFIX)
+    with torch.autograd.set_multithreading_enabled(False) if caller_thread else contextlib.nullcontext():
+        row.ms_median, row.ms_p20, row.ms_p80 = timer(fn, min_reps=2 if timer.mode == "quick" else 3, rep_ms=rep_ms)
+        row.peak_mem_mb = timer.peak_memory_mb(fn)
     seconds = row.ms_median * 1e-3
     row.images_per_s = args.batch / seconds
     flops = forward_flops * (3 if case.pass_.startswith("training") else 1)
@@ -652,7 +661,7 @@ def target_summary(rows: list[Row], cpu: bool) -> str:
         widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
         lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in table]
     for depth in (26, 50):
-        for suffix in ("", GRAPH_SUFFIX):
+        for suffix in ("", CALLER_SUFFIX, GRAPH_SUFFIX):
             parts = []
             for pass_ in ("training", "inference"):
                 sasa = next((r for r in rows if r.section == "model"

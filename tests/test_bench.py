@@ -122,10 +122,11 @@ def test_default_plan_rows(monkeypatch):
     models = [(c.name, c.pass_) for c in cases if c.section == "model"]
     eager = [("resnet50", "inference"), ("resnet50", "training"),
              ("sasa_resnet50(conv stem)", "inference"), ("sasa_resnet50(conv stem)", "training")]
-    # then the same steps captured in CUDA graphs, last
-    assert models == eager + [(name, pass_ + bench.GRAPH_SUFFIX) for name, pass_ in eager]
+    # then training with the backward on the calling thread, then the steps captured in CUDA graphs, last
+    caller = [(name, pass_ + bench.CALLER_SUFFIX) for name, pass_ in eager if pass_ == "training"]
+    assert models == eager + caller + [(name, pass_ + bench.GRAPH_SUFFIX) for name, pass_ in eager]
     assert [c.section for c in cases[-4:]] == ["model"] * 4 and cases[-1].pass_.endswith(bench.GRAPH_SUFFIX)
-    assert len(cases) == 36
+    assert len(cases) == 38
     # The full plan: conv_kxk at k = 3 would be conv3x3 again, so it is left out.
     cases, _ = bench.make_plan(_resolved(["--full"], "cuda"), torch.device("cuda"), "gpu", 3000.0)
     assert not [c for c in cases if c.provider == "conv_kxk" and c.k == 3]
@@ -405,6 +406,34 @@ def test_cuda_graph_training_step_follows_the_capture_recipe(monkeypatch):
     assert events == ["side stream", *warm, "main stream", "grads None", "capture begins", "step", "capture ends",
                       "replay"]
     assert row.ms_median == 1.0 and row.images_per_s == 2 / 1e-3
+
+
+def test_caller_thread_training_rows_time_with_autograd_multithreading_off():
+    """The "(backward on the calling thread)" training rows time every step with the autograd
+    engine's device threads off, and leave the flag as it was; the other rows leave it alone."""
+    seen = []
+
+    class Timer:
+        mode = "quick"
+
+        def __call__(self, fn, **kwargs):
+            fn()
+            seen.append(torch._C._is_multithreading_enabled())
+            return 1.0, 0.9, 1.1
+
+        def peak_memory_mb(self, fn):
+            return None
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 10))
+    x, target = torch.randn(2, 3, 8, 8), torch.tensor([1, 2])
+    args = type("Args", (), {"batch": 2})()
+    before = torch._C._is_multithreading_enabled()
+    for pass_ in ("training" + bench.CALLER_SUFFIX, "training"):
+        case = bench.Case("model", "resnet26", "8x8", 8, 3, "", pass_)
+        row = bench.Row("model", "cpu", "fp32", "resnet26", "-", "8x8", 2, 8, 8, 3, "", "", "", case.pass_)
+        bench._time_model(row, case, (model, x, target, contextlib.nullcontext(), 1e6), args, Timer())
+        assert row.ms_median == 1.0
+    assert seen == [False, before] and torch._C._is_multithreading_enabled() == before
 
 
 def test_host_path_benchmark_reaches_the_launch_stub(device):
