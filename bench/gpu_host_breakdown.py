@@ -227,6 +227,30 @@ if not DRY:
         torch.cuda.synchronize()
         print(f"{'model: ' + name + ' eager inference step, to finish':<72} "
               f"{(time.perf_counter() - start) / 20 * 1e3:8.2f} ms", flush=True)
+        # A training step with the backward on the engine's device thread (PyTorch's default) and
+        # on the calling thread: the hand-over is the suspect for the op's unexplained share.
+        net.train()
+        opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
+        labels = torch.randint(0, 1000, (32,), device=dev)
+
+        def train_step():
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = torch.nn.functional.cross_entropy(net(images), labels)
+            loss.backward()
+            opt.step()
+        for mode, threads in (("device thread", True), ("calling thread", False)):
+            with torch.autograd.set_multithreading_enabled(threads):
+                for _ in range(3):
+                    train_step()
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                for _ in range(20):
+                    train_step()
+                torch.cuda.synchronize()
+            print(f"{'model: ' + name + ' eager training step, backward on the ' + mode + ', to finish':<72} "
+                  f"{(time.perf_counter() - start) / 20 * 1e3:8.2f} ms", flush=True)
+        net.eval()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(5):
             infer()
