@@ -376,6 +376,11 @@ def test_launch_plans_are_cached_per_layout_and_follow_the_tuning_state(device):
     contiguous = _op_plan(q.contiguous(), key.contiguous(), v.contiguous(), rel_rows, 3, 1, "zeros")
     assert contiguous is not plan and contiguous.strides == q.contiguous().stride()[:3]
     assert _op_plan(q, key, v, None, 3, 1, "zeros").drel_shape == (1,)
+    # Explicit configs (the tuner times each candidate's launches) are planned once each too.
+    config = tuning.gpu_default_config("local_fwd", 3, 1, 8, q.dtype)
+    explicit = _op_plan(q, key, v, rel_rows, 3, 1, "zeros", {"local_fwd": config})
+    assert explicit is not plan and explicit.fwd.config == config
+    assert _op_plan(q, key, v, rel_rows, 3, 1, "zeros", {"local_fwd": dict(config)}) is explicit
     tuning.clear_cache()
     assert _op_plan(q, key, v, rel_rows, 3, 1, "zeros") is not plan
     with pytest.raises(ValueError, match="rows are too far apart"):

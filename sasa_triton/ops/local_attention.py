@@ -691,17 +691,24 @@ _PLANS: dict = {}  # key -> (the tuning state its configs came from, _OpPlan)
 
 def _op_plan(q, k, v, rel_rows, kernel_size, dilation, padding, configs=None) -> _OpPlan:
     """The op's plan, cached per key (an op call then costs one dict lookup); rebuilt when the
-    tuning state is reset (tuning.clear_cache). Explicit `configs` ({kernel: config}: tests, the
-    tuner) bypass the cache."""
-    if configs:
-        return _OpPlan(q, k, v, rel_rows, kernel_size, dilation, padding, configs)
+    tuning state is reset (tuning.clear_cache). Explicit `configs` ({kernel: config or None}: the
+    tests, and the tuner, which times each candidate's launches) are part of the key; the other
+    kernels take the configs the tuning state resolves."""
     per_head = None if rel_rows is None else rel_rows.dim() == 3
     precision = dot_precision(q.dtype) if q.dtype == torch.float32 else None
     key = (q.shape, q.stride(), k.stride(), v.stride(), q.dtype, kernel_size, dilation, padding, per_head, precision)
-    cached = _PLANS.get(key)
+    if configs:
+        configs = {name: config for name, config in configs.items() if config}
+        key += tuple((name, *config.items()) for name, config in configs.items())
+    else:
+        configs = {}
+    try:
+        cached = _PLANS.get(key)
+    except TypeError:  # a config value that cannot be hashed: plan without the cache
+        return _OpPlan(q, k, v, rel_rows, kernel_size, dilation, padding, configs)
     if cached is not None and cached[0] is tuning._state:
         return cached[1]
-    plan = _OpPlan(q, k, v, rel_rows, kernel_size, dilation, padding, {})
+    plan = _OpPlan(q, k, v, rel_rows, kernel_size, dilation, padding, configs)
     if len(_PLANS) >= 4096:
         _PLANS.clear()
     _PLANS[key] = (tuning._state, plan)
@@ -745,7 +752,7 @@ def _fwd(q, k, v, rel_rows, rel_cols, kernel_size, dilation, scale, padding, y=N
     if given and not (y.is_contiguous() and lse.is_contiguous()):
         raise ValueError("y and lse must be contiguous (the kernel writes them as such)")
     if plan is None:
-        plan = _op_plan(q, k, v, rel_rows, kernel_size, dilation, padding, config and {"local_fwd": config})
+        plan = _op_plan(q, k, v, rel_rows, kernel_size, dilation, padding, {"local_fwd": config})
     if plan.copy_qkv:
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     _launch(_local_attn_fwd_kernel, plan.fwd.grid, _fwd_args(plan, q, k, v, rel_rows, rel_cols, y, lse, scale),
@@ -769,8 +776,8 @@ def _bwd(q, k, v, rel_rows, rel_cols, y, lse, dy, kernel_size, dilation, scale, 
         zero = lambda t: None if t is None else torch.zeros_like(t)
         return dq, dk, dv, zero(rel_rows), zero(rel_cols)
     if plan is None:
-        configs = {"local_bwd_dq": config_dq, "local_bwd_dkdv": config_dkdv} if config_dq or config_dkdv else None
-        plan = _op_plan(q, k, v, rel_rows, kernel_size, dilation, padding, configs)
+        plan = _op_plan(q, k, v, rel_rows, kernel_size, dilation, padding,
+                        {"local_bwd_dq": config_dq, "local_bwd_dkdv": config_dkdv})
     if plan.copy_qkv:
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     if not y.is_contiguous():
