@@ -13,8 +13,10 @@
 #   (host vs kernel time per call) and Nsight Compute on the three local kernels.
 # bench (~5 min): the README's main command, `python -m sasa_triton.bench`, time-boxed.
 # verify (~9.5 min): check's suite and quick check, then bench (no tuner, timings or ncu).
-# host (~6.5 min): bench/gpu_host_breakdown.py (where an eager call's host time goes), then the
-#   README's main command from an empty Triton cache (its cold-cache time).
+# host (~6.5 min): bench/gpu_host_breakdown.py (where an eager call's host time goes: the same
+#   work inside a backward node on autograd's device thread and on the calling thread, and eager
+#   training steps either way), then the README's main command from an empty Triton cache (its
+#   cold-cache time; its training rows also run with the backward on the calling thread).
 # tune (~6 min): every candidate of the stem kernels at the stem shape against the default
 #   (bench/sweep_candidates.py), then the tuner over the default keys into $OUT/tuned.json
 #   (written key by key, so a time-boxed run keeps what it finished).
