@@ -213,6 +213,17 @@ if not DRY:
 
     from sasa_triton import models
 
+    def finish_ms(step, steps=20, warmup=0):
+        """Mean milliseconds per step() from the first enqueue to the GPU's finish."""
+        for _ in range(warmup):
+            step()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+        return (time.perf_counter() - start) / steps * 1e3
+
     for name, kwargs in (("resnet50", {}), ("sasa_resnet50", dict(stem="conv", backend="triton"))):
         net = getattr(models, name)(**kwargs).to(dev, memory_format=torch.channels_last).eval()
         images = torch.randn(32, 3, 224, 224, device=dev).contiguous(memory_format=torch.channels_last)
@@ -221,12 +232,7 @@ if not DRY:
             with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
                 return net(images)
         row(f"model: {name} eager inference step, B 32 bf16 autocast (enqueue)", infer, calls=20)
-        start = time.perf_counter()
-        for _ in range(20):
-            infer()
-        torch.cuda.synchronize()
-        print(f"{'model: ' + name + ' eager inference step, to finish':<72} "
-              f"{(time.perf_counter() - start) / 20 * 1e3:8.2f} ms", flush=True)
+        print(f"{'model: ' + name + ' eager inference step, to finish':<72} {finish_ms(infer):8.2f} ms", flush=True)
         # A training step with the backward on the engine's device thread (PyTorch's default) and
         # on the calling thread: the hand-over is the suspect for the op's unexplained share.
         net.train()
@@ -241,15 +247,9 @@ if not DRY:
             opt.step()
         for mode, threads in (("device thread", True), ("calling thread", False)):
             with torch.autograd.set_multithreading_enabled(threads):
-                for _ in range(3):
-                    train_step()
-                torch.cuda.synchronize()
-                start = time.perf_counter()
-                for _ in range(20):
-                    train_step()
-                torch.cuda.synchronize()
+                ms = finish_ms(train_step, warmup=3)
             print(f"{'model: ' + name + ' eager training step, backward on the ' + mode + ', to finish':<72} "
-                  f"{(time.perf_counter() - start) / 20 * 1e3:8.2f} ms", flush=True)
+                  f"{ms:8.2f} ms", flush=True)
         net.eval()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(5):
