@@ -72,16 +72,18 @@ row("torch: torch.empty_like(q)", lambda: torch.empty_like(q))
 row("torch: 3 x torch.empty_like(q)", lambda: [torch.empty_like(q) for _ in range(3)])
 plan = op._op_plan(q, key, v, rel_rows, k, 1, "zeros")
 fwd_args = op._fwd_args(plan, q, key, v, rel_rows, rel_cols, y, lse, 1.0)
-row("triton: forward kernel launch alone (prepared args)",
-    lambda: op._launch(op._local_attn_fwd_kernel, plan.fwd.grid, fwd_args, plan.fwd.meta))
+row("triton: forward kernel launch alone (prepared args; direct, the op's path)",
+    lambda: op._launch(plan.fwd, fwd_args))
+row("triton: forward kernel launch alone (prepared args; through JITFunction.run)",
+    lambda: op._local_attn_fwd_kernel[plan.fwd.grid](*fwd_args, **plan.fwd.launch.meta))
 delta = torch.empty_like(lse)
 dq, dk, dv = (torch.empty_like(q) for _ in range(3))
 drel = torch.empty(plan.drel_shape, device=dev)
 dq_args, dkdv_args = op._bwd_args(plan, q, key, v, rel_rows, rel_cols, y, lse, dy, delta, dq, dk, dv, drel, 1.0)
-row("triton: dq kernel launch alone (prepared args)",
-    lambda: op._launch(op._local_attn_bwd_dq_kernel, plan.dq.grid, dq_args, plan.dq.meta))
-row("triton: dk/dv kernel launch alone (prepared args)",
-    lambda: op._launch(op._local_attn_bwd_dkdv_kernel, plan.dkdv.grid, dkdv_args, plan.dkdv.meta))
+row("triton: dq kernel launch alone (prepared args; direct)", lambda: op._launch(plan.dq, dq_args))
+row("triton: dq kernel launch alone (prepared args; through JITFunction.run)",
+    lambda: op._local_attn_bwd_dq_kernel[plan.dq.grid](*dq_args, **plan.dq.launch.meta))
+row("triton: dk/dv kernel launch alone (prepared args; direct)", lambda: op._launch(plan.dkdv, dkdv_args))
 row("torch: drel.sum(0) (the table-gradient sum)", lambda: drel.sum(0))
 with torch.no_grad():
     row("op: local_attention2d under no_grad", lambda: sasa_triton.local_attention2d(q, key, v, rel_rows, rel_cols))
@@ -151,8 +153,7 @@ work = {
     "pure Python (a 300-step loop)": lambda: sum(i * i for i in range(300)),
     "5 x torch.empty_like(q)": lambda: [torch.empty_like(q) for _ in range(5)],
     "drel.sum(0)": lambda: drel.sum(0),
-    "Triton dq launch (prepared args)": lambda: op._launch(op._local_attn_bwd_dq_kernel, plan.dq.grid, dq_args,
-                                                           plan.dq.meta),
+    "Triton dq launch (prepared args)": lambda: op._launch(plan.dq, dq_args),
     "_bwd (the op's whole backward)": lambda: op._bwd(*bwd_args),
 }
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 
 import torch
+import triton
+from triton.runtime import driver as _driver
 
 from ._utils import interpreter_enabled
 
@@ -37,6 +39,85 @@ def define_op(name: str):
 # (measured: 3-4 % more SASS instructions without). Not on the opt-in triton_op path, whose
 # wrap_triton takes only num_warps/num_stages-like options beside the kernel's arguments.
 LAUNCH_OPTIONS = {} if _USE_TRITON_OP else {"enable_fp_fusion": True}
+
+# Launch compiled kernels directly after their first launch (KernelLaunch); SASA_TRITON_DIRECT_LAUNCH=0
+# sends every launch through Triton's JITFunction.run instead.
+DIRECT_LAUNCH = (os.environ.get("SASA_TRITON_DIRECT_LAUNCH", "1") != "0" and not _USE_TRITON_OP
+                 and not _INTERPRET)
+
+
+class KernelLaunch:
+    """Launches of one kernel with fixed constexprs, options and grid (one launch plan's).
+
+    The first launch per argument specialization (the arguments' dtypes, alignments and ints, and
+    the current device) goes through Triton, `kernel[grid](*args, **meta)`, which binds and
+    specializes the arguments, finds or compiles the kernel, launches it and returns it. Later
+    launches go straight to that compiled kernel's runner (`compiled[grid]`, Triton 3.3-3.9) with
+    what Triton's run passes it: the runtime arguments, then the constexprs in parameter order,
+    on the current stream. Python per launch with a no-op launcher, sm_90 kernels, a 2-core CPU
+    VM: 18-23 us through Triton's run, 7-9 us this way (bench/launch_overhead.py, whose --check
+    compares the launcher calls of both ways). Every launch goes through Triton under
+    TRITON_INTERPRET=1, on the opt-in triton_op path, with Triton's pre-run or stage-inspection
+    hooks set, and with SASA_TRITON_DIRECT_LAUNCH=0."""
+    __slots__ = ("kernel", "grid", "meta", "constexprs", "runners")
+
+    def __init__(self, kernel, grid, meta):
+        self.kernel, self.grid = kernel, (*grid, *(1,) * (3 - len(grid)))  # the runner reads three
+        self.meta = {**meta, **LAUNCH_OPTIONS}
+        self.constexprs = None
+        self.runners = {}
+
+    def __call__(self, args):
+        kernel = self.kernel
+        if not DIRECT_LAUNCH or kernel.pre_run_hooks or _stage_hook():
+            launchable(kernel)[self.grid](*args, **self.meta)
+            return
+        device = _driver.active.get_current_device()
+        # What Triton specializes a compiled kernel on, or more: a tensor's dtype and whether its
+        # address is a multiple of 16, an int's value, the type of anything else.
+        key = (device, *[(arg.dtype, not arg.data_ptr() & 15) if isinstance(arg, _Tensor) else
+                         arg if type(arg) is int else type(arg) for arg in args])
+        runner = self.runners.get(key)
+        if runner is not None:
+            runner(*args, *self.constexprs, stream=_driver.active.get_current_stream(device))
+            return
+        compiled = kernel[self.grid](*args, **self.meta)
+        if compiled is None:  # a compilation hook declined to compile
+            return
+        if self.constexprs is None:
+            names = kernel.arg_names[len(args):]
+            defaults = {p.name: p.default for p in kernel.params}
+            self.constexprs = tuple(self.meta[name] if name in self.meta else defaults[name] for name in names)
+        if len(self.runners) < 64:
+            self.runners[key] = compiled[self.grid]
+
+
+_LAUNCHES: dict = {}
+
+
+def launch(kernel, grid, args, meta) -> None:
+    """kernel[grid](*args, **meta) through the KernelLaunch of (kernel, grid, meta), kept per key:
+    for the ops without cached launch plans (the attention stem's)."""
+    try:
+        key = (kernel, *grid, *meta.items())
+        kernel_launch = _LAUNCHES.get(key)
+    except TypeError:  # a meta value that cannot be hashed
+        key = kernel_launch = None
+    if kernel_launch is None:
+        kernel_launch = KernelLaunch(kernel, grid, meta)
+        if key is not None:
+            if len(_LAUNCHES) >= 4096:
+                _LAUNCHES.clear()
+            _LAUNCHES[key] = kernel_launch
+    kernel_launch(args)
+
+
+_Tensor = torch.Tensor
+_RUNTIME_KNOBS = getattr(getattr(triton, "knobs", None), "runtime", None)  # Triton >= 3.4
+
+
+def _stage_hook():
+    return getattr(_RUNTIME_KNOBS, "add_stages_inspection_hook", None) is not None
 
 
 def launchable(kernel):

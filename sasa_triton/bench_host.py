@@ -69,7 +69,7 @@ def measure(shape=(1, 7, 7, 8, 64), kernel_size=7, calls=2000, device="cpu", stu
     launched = []
     real_launch, threads = op._launch, torch.get_num_threads()
     if stub:
-        op._launch = lambda kernel, grid, args, meta: launched.append(grid)
+        op._launch = lambda plan, args: launched.append(plan.grid)
         torch.set_num_threads(1)  # the CPU's thread pool only adds noise to a Python-path timing
     try:
         def forward():

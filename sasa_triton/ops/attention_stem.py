@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._library import LAUNCH_OPTIONS, autocast_inputs, define_op, launchable
+from .._library import autocast_inputs, define_op, launch
 from .._utils import check_kernel_dtype, dot_precision, interpreter_enabled, resolve_backend
 from ..reference.attention_stem import MAX_IN_CHANNELS, check_attention_stem_args
 
@@ -338,7 +338,7 @@ def _fwd(x, qk, w_eff, heads, block_size, window, padding, y=None, lse=None, con
         return y, lse
     grid, args, meta = _fwd_launch(x, qk, w_eff, y, lse, heads, block_size, window, padding,
                                    config or default_config("fwd", block_size))
-    launchable(_stem_fwd_kernel)[grid](*args, **meta, **LAUNCH_OPTIONS)
+    launch(_stem_fwd_kernel, grid, args, meta)
     return y, lse
 
 
@@ -359,9 +359,9 @@ def _bwd(x, qk, w_eff, lse, dy, heads, block_size, window, padding, dx=None, con
     dqk_part, dw_part = _partial_buffers(x, heads, D, block_size, config)
     grid, args, meta = _bwd_launch(x, qk, w_eff, lse, dy, gx, dqk_part, dw_part, heads, block_size, window,
                                    padding, config)
-    launchable(_stem_bwd_kernel)[grid](*args, **meta, **LAUNCH_OPTIONS)
+    launch(_stem_bwd_kernel, grid, args, meta)
     grid, args, meta = _dx_launch(x, gx, dx, block_size, window, config_dx or default_config("dx", block_size))
-    launchable(_stem_dx_kernel)[grid](*args, **meta, **LAUNCH_OPTIONS)
+    launch(_stem_dx_kernel, grid, args, meta)
     # Deterministic sums of the per-program partials, back to the tables' shapes.
     cpad, tpad = dqk_part.shape[-1], triton.next_power_of_2(T)
     dqk = dqk_part.sum(0)[:, :C_in, :C_in]

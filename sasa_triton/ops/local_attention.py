@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from .. import tuning
-from .._library import LAUNCH_OPTIONS, attention_outputs, autocast_inputs, define_op, launchable
+from .._library import KernelLaunch, attention_outputs, autocast_inputs, define_op
 from .._utils import (KERNEL_DTYPES, check_kernel_dtype, check_local_attention_args, dot_precision,
                       interpreter_enabled, resolve_backend)
 
@@ -514,6 +514,7 @@ def _local_attn_bwd_dkdv_kernel(
 # ----------------------------------------------------------------------------------------------
 
 KERNELS = ("local_fwd", "local_bwd_dq", "local_bwd_dkdv")
+_KERNEL_FNS = dict(zip(KERNELS, (_local_attn_fwd_kernel, _local_attn_bwd_dq_kernel, _local_attn_bwd_dkdv_kernel)))
 
 
 def channel_tile(head_dim: int) -> int:
@@ -639,8 +640,9 @@ def heads_per_program(config: dict, heads: int, head_dim: int) -> int:
 
 
 class _Plan:
-    """What a launch of one kernel needs besides the tensors, fixed per (kernel, shape, options, config)."""
-    __slots__ = ("config", "meta", "grid", "programs")
+    """What a launch of one kernel needs besides the tensors, fixed per (kernel, shape, options,
+    config), and its launcher (which keeps the compiled kernel)."""
+    __slots__ = ("config", "meta", "grid", "programs", "launch")
 
     def __init__(self, kernel, q, kernel_size, dilation, padding, rel_rows, config):
         B, H, W, heads, D = q.shape
@@ -652,6 +654,7 @@ class _Plan:
             groups //= self.meta["HEADS_PER_PROGRAM"]
         self.grid = (groups, triton.cdiv(H, config["BLOCK_H"]), triton.cdiv(W, config["BLOCK_W"]))
         self.programs = self.grid[0] * self.grid[1] * self.grid[2]
+        self.launch = KernelLaunch(_KERNEL_FNS[kernel], self.grid, self.meta)
 
 
 def _check_offsets(stride_h: int, plan: _Plan) -> None:
@@ -721,9 +724,9 @@ def _tables(rel_rows, rel_cols, q):
     return rel_rows.contiguous(), rel_cols.contiguous()
 
 
-def _launch(kernel, grid, args, meta):
+def _launch(plan: _Plan, args) -> None:
     """Every launch goes through here (the host-path benchmark stubs it out)."""
-    launchable(kernel)[grid](*args, **meta, **LAUNCH_OPTIONS)
+    plan.launch(args)
 
 
 def _fwd_args(plan, q, k, v, rel_rows, rel_cols, y, lse, scale):
@@ -755,8 +758,7 @@ def _fwd(q, k, v, rel_rows, rel_cols, kernel_size, dilation, scale, padding, y=N
         plan = _op_plan(q, k, v, rel_rows, kernel_size, dilation, padding, {"local_fwd": config})
     if plan.copy_qkv:
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    _launch(_local_attn_fwd_kernel, plan.fwd.grid, _fwd_args(plan, q, k, v, rel_rows, rel_cols, y, lse, scale),
-            plan.fwd.meta)
+    _launch(plan.fwd, _fwd_args(plan, q, k, v, rel_rows, rel_cols, y, lse, scale))
     return y, lse
 
 
@@ -788,8 +790,8 @@ def _bwd(q, k, v, rel_rows, rel_cols, y, lse, dy, kernel_size, dilation, scale, 
     # Per-program partial gradients of the tables, (programs, k, D) fp32, summed below.
     drel = torch.empty(plan.drel_shape, device=q.device, dtype=torch.float32)
     dq_args, dkdv_args = _bwd_args(plan, q, k, v, rel_rows, rel_cols, y, lse, dy, delta, dq, dk, dv, drel, scale)
-    _launch(_local_attn_bwd_dq_kernel, plan.dq.grid, dq_args, plan.dq.meta)
-    _launch(_local_attn_bwd_dkdv_kernel, plan.dkdv.grid, dkdv_args, plan.dkdv.meta)  # reads delta
+    _launch(plan.dq, dq_args)
+    _launch(plan.dkdv, dkdv_args)  # reads delta
     if not has_rel:
         return dq, dk, dv, None, None
     # (B, heads, tiles, k, D) -> (k, D) or (heads, k, D): a deterministic sum over batch and tiles.

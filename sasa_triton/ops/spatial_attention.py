@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from .. import tuning
-from .._library import LAUNCH_OPTIONS, attention_outputs, autocast_inputs, define_op, launchable
+from .._library import attention_outputs, autocast_inputs, define_op, launch
 from .._utils import (check_kernel_dtype, check_spatial_attention_args, dot_precision, interpreter_enabled,
                       resolve_backend)
 
@@ -571,7 +571,7 @@ def _fwd(q, k, values, mix, block_size, scale, window, padding, y=None, lse=None
 
     def run(cfg):
         grid, args, meta = _fwd_launch(q, k, values, mix, y, lse, block_size, scale, window, padding, cfg)
-        launchable(_spatial_fwd_kernel)[grid](*args, **meta, **LAUNCH_OPTIONS)
+        launch(_spatial_fwd_kernel, grid, args, meta)
 
     run(config or _config("fwd", q, block_size, window, run))
     return y, lse
@@ -594,13 +594,13 @@ def _bwd(q, k, values, mix, y, lse, dy, block_size, scale, window, padding,
     def run_dq(cfg):
         grid, args, meta = _dq_launch(q, k, values, mix, y, dy, lse, delta, dq, block_size, scale, window,
                                       padding, cfg)
-        launchable(_spatial_bwd_dq_kernel)[grid](*args, **meta, **LAUNCH_OPTIONS)
+        launch(_spatial_bwd_dq_kernel, grid, args, meta)
 
     def run_dkdv(cfg):  # the partial-sum buffer has one row per program, so one per config
         dmix_partial = _dmix_buffer(q, M, block_size, window, cfg)
         grid, args, meta = _dkdv_launch(q, k, values, mix, dy, lse, delta, dk, dvalues, dmix_partial,
                                         block_size, scale, window, padding, cfg)
-        launchable(_spatial_bwd_dkdv_kernel)[grid](*args, **meta, **LAUNCH_OPTIONS)
+        launch(_spatial_bwd_dkdv_kernel, grid, args, meta)
         return dmix_partial
 
     run_dq(config_dq or _config("bwd_dq", q, block_size, window, run_dq))
