@@ -13,7 +13,8 @@
 #   (host vs kernel time per call) and Nsight Compute on the three local kernels.
 # bench (~5 min): the README's main command, `python -m sasa_triton.bench`, time-boxed.
 # verify (~9.5 min): check's suite and quick check, then bench (no tuner, timings or ncu).
-# host (~6.5 min): bench/gpu_host_breakdown.py (where an eager call's host time goes: the same
+# host (~7 min): tests/test_launch.py (the op's direct kernel launches against Triton's run,
+#   bitwise), bench/gpu_host_breakdown.py (where an eager call's host time goes: the same
 #   work inside a backward node on autograd's device thread and on the calling thread, and eager
 #   training steps either way), then the README's main command from an empty Triton cache (its
 #   cold-cache time; its training rows also run with the backward on the calling thread).
@@ -71,8 +72,10 @@ if [[ "$what" == check || "$what" == all ]]; then
 fi
 
 if [[ "$what" == host ]]; then
-  stamp "host-time breakdown"
-  timeout 150 python bench/gpu_host_breakdown.py >"$OUT/breakdown.log" 2>&1
+  stamp "direct launches against Triton's run (bitwise), then the host-time breakdown"
+  timeout 120 python -m pytest -q -p no:cacheprovider tests/test_launch.py >"$OUT/breakdown.log" 2>&1
+  stamp "test_launch rc=$?"; tail -n 3 "$OUT/breakdown.log"
+  timeout 150 python bench/gpu_host_breakdown.py >>"$OUT/breakdown.log" 2>&1
   stamp "breakdown rc=$?"; grep -E " us$| ms$" "$OUT/breakdown.log"
   rm -rf .triton_cache ~/.triton/cache "/tmp/torchinductor_$(whoami)"; mkdir -p .triton_cache  # cold: Triton and Inductor
   stamp "README main command, cold Triton cache"
