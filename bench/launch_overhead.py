@@ -114,19 +114,21 @@ def _through_triton(launch, args):
 
 @contextlib.contextmanager
 def _counting_runs(kernel):
-    """[how many launches went through Triton's JITFunction.run] while inside."""
+    """[how many launches of kernel went through Triton's JITFunction.run] while inside (the
+    class's run is wrapped: an instance attribute would send every launch through Triton)."""
     runs = [0]
-    real_run = kernel.run
+    cls = type(kernel)
+    real_run = cls.run
 
-    def counting_run(*args, **kwargs):
-        runs[0] += 1
-        return real_run(*args, **kwargs)
+    def counting_run(self, *args, **kwargs):
+        runs[0] += self is kernel
+        return real_run(self, *args, **kwargs)
 
-    kernel.run = counting_run  # kernel[grid](...) calls self.run
+    cls.run = counting_run
     try:
         yield runs
     finally:
-        del kernel.run
+        cls.run = real_run
 
 
 def _recorded(fn):
@@ -171,6 +173,35 @@ def check(shape=(1, 9, 11, 4, 16)) -> list:
         expect(own[1][3] == STREAM, f"{name}: launched on the current stream")
         expect(len(own[1]) == 9 + len(launch.kernel.arg_names),
                f"{name}: every kernel parameter, constexprs included, reaches the launcher")
+
+    # A run replaced on the kernel (the tuner's compile-only launches) is respected: compiled, not
+    # launched, although this plan's launch is kept.
+    kernel = launch.kernel
+    kernel.run = lambda *a, grid, warmup, **kw: type(kernel).run(kernel, *a, grid=grid, warmup=True, **kw)
+    try:
+        CALLS.clear()
+        launch(args)
+        expect(not CALLS and launch.runners, f"{name}: a compile-only run on the kernel launches nothing")
+    finally:
+        del kernel.run
+
+    # The tuner's compile pass (compile-only runs, Triton's AsyncCompileMode where it has one:
+    # launches return compiles in flight) on plans never launched: nothing launched, nothing
+    # kept; then the first real launch goes through Triton and the next ones directly.
+    from sasa_triton import autotune
+
+    fresh = _launches(*_inputs((2, 5, 6, 2, 16)))
+    kernels = [launch.kernel for launch, _ in fresh.values()]
+    CALLS.clear()
+    with autotune._compile_only(kernels) as compiled, autotune._parallel_compiles(4):
+        for launch, args in fresh.values():
+            launch(args)
+    expect(not CALLS and len(compiled) == 3 and not any(launch.runners for launch, _ in fresh.values()),
+           "tuner's parallel compile-only pass: three kernels compiled, nothing launched or kept")
+    for name, (launch, args) in fresh.items():
+        with _counting_runs(launch.kernel) as runs:
+            calls = [_recorded(lambda: launch(args)) for _ in range(3)]
+        expect(runs == [1] and _same_call(calls[0], calls[2]), f"{name}: then launched, directly from the second on")
 
     # A new specialization (a table's dtype, a misaligned tensor) is a new key: its first launch
     # goes through Triton again and its direct launches reach the kernel compiled for it.

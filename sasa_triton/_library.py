@@ -14,6 +14,7 @@ import os
 
 import torch
 import triton
+from triton.compiler import CompiledKernel as _CompiledKernel
 from triton.runtime import driver as _driver
 
 from ._utils import interpreter_enabled
@@ -58,7 +59,9 @@ class KernelLaunch:
     VM: 18-23 us through Triton's run, 7-9 us this way (bench/launch_overhead.py, whose --check
     compares the launcher calls of both ways). Every launch goes through Triton under
     TRITON_INTERPRET=1, on the opt-in triton_op path, with Triton's pre-run or stage-inspection
-    hooks set, and with SASA_TRITON_DIRECT_LAUNCH=0."""
+    hooks set, while the kernel's run is replaced (the tuner's compile-only launches), and with
+    SASA_TRITON_DIRECT_LAUNCH=0; a launch that returns no compiled kernel (under Triton's
+    AsyncCompileMode) keeps nothing."""
     __slots__ = ("kernel", "grid", "meta", "constexprs", "runners")
 
     def __init__(self, kernel, grid, meta):
@@ -69,7 +72,8 @@ class KernelLaunch:
 
     def __call__(self, args):
         kernel = self.kernel
-        if not DIRECT_LAUNCH or kernel.pre_run_hooks or _stage_hook():
+        # (an instance attribute "run" replaces Triton's run: the tuner's compile-only launches)
+        if not DIRECT_LAUNCH or "run" in kernel.__dict__ or kernel.pre_run_hooks or _stage_hook():
             launchable(kernel)[self.grid](*args, **self.meta)
             return
         device = _driver.active.get_current_device()
@@ -82,7 +86,7 @@ class KernelLaunch:
             runner(*args, *self.constexprs, stream=_driver.active.get_current_stream(device))
             return
         compiled = kernel[self.grid](*args, **self.meta)
-        if compiled is None:  # a compilation hook declined to compile
+        if not isinstance(compiled, _CompiledKernel):  # None (a hook declined) or a compile in flight
             return
         if self.constexprs is None:
             names = kernel.arg_names[len(args):]
