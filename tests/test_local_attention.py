@@ -364,6 +364,26 @@ def test_noncontiguous_and_channels_last_views(device):
         check_results(results, *references(inputs, dy, kernel_size=k), torch.float32, str(memory_format))
 
 
+@pytest.mark.parametrize("D", [8, 7])
+def test_shared_table_gradients_reach_their_parameters_uncopied(D, device):
+    """The backward sums the tiles' partial table gradients into one buffer that holds the
+    rel_rows gradient, then the rel_cols one, each contiguous: autograd then keeps them as the
+    parameters' .grad (a non-contiguous gradient would be copied by AccumulateGrad, one more
+    kernel per table and step)."""
+    gen = torch.Generator().manual_seed(3)
+    q, key, v = (torch.randn(2, 5, 6, 2, D, generator=gen).to(device).requires_grad_(True) for _ in range(3))
+    rel_rows = torch.randn(5, D // 2, generator=gen).to(device).requires_grad_(True)
+    rel_cols = torch.randn(5, D - D // 2, generator=gen).to(device).requires_grad_(True)
+    y = sasa_triton.local_attention2d(q, key, v, rel_rows, rel_cols, kernel_size=5, backend="triton")
+    dy = torch.randn(y.shape, generator=gen).to(device)
+    y.backward(dy)
+    # Both kept as the backward returned them (a copy would have storage of its own): two
+    # contiguous views of the one sum.
+    assert rel_rows.grad.shape == rel_rows.shape and rel_cols.grad.shape == rel_cols.shape
+    assert rel_rows.grad.is_contiguous() and rel_cols.grad.is_contiguous()
+    assert rel_rows.grad.untyped_storage().data_ptr() == rel_cols.grad.untyped_storage().data_ptr()
+
+
 def test_launch_plans_are_cached_per_layout_and_follow_the_tuning_state(device):
     """An op call looks its launch plan up once (the backward reuses the forward's); the plan is
     per shape and strides, and a reset of the tuning state (new configs) rebuilds it."""
@@ -372,7 +392,7 @@ def test_launch_plans_are_cached_per_layout_and_follow_the_tuning_state(device):
     rel_rows, rel_cols = torch.randn(3, 4).to(device), torch.randn(3, 4).to(device)
     plan = _op_plan(q, key, v, rel_rows, 3, 1, "zeros")
     assert _op_plan(q, key, v, rel_rows, 3, 1, "zeros") is plan and not plan.copy_qkv
-    assert plan.strides == q.stride()[:3] and plan.drel_shape == (plan.dq.programs, 3, 8)
+    assert plan.strides == q.stride()[:3] and plan.drel_shape == (plan.dq.programs, 3 * 8)
     contiguous = _op_plan(q.contiguous(), key.contiguous(), v.contiguous(), rel_rows, 3, 1, "zeros")
     assert contiguous is not plan and contiguous.strides == q.contiguous().stride()[:3]
     assert _op_plan(q, key, v, None, 3, 1, "zeros").drel_shape == (1,)

@@ -411,15 +411,20 @@ def _local_attn_bwd_dq_kernel(
         col_coef = _window_taps(col_dlogits, 0, q_step_col, HALO_W, KSIZE, DILATION, KPAD, SELECT_GATHER)
         dq += tl.dot(row_coef, rel_rows, input_precision=DOT_PRECISION)
         dq += tl.dot(col_coef, rel_cols, input_precision=DOT_PRECISION)
-        # This tile's partial table gradients, drel[t, :Dr] = sum_q row_coef[q, t] q[q, :Dr] (the
-        # column half likewise); torch sums the tiles, so no atomics are needed.
+        # This tile's partial table gradients, drel_rows[t] = sum_q row_coef[q, t] q[q, :Dr] (the
+        # column half likewise); torch sums the tiles, so no atomics are needed. Stored as the
+        # (k, Dr) rel_rows gradient, then the (k, D - Dr) rel_cols one, each row-major: the sum
+        # then holds both contiguous, as autograd keeps a parameter's .grad without a copy.
+        D_COLS: tl.constexpr = D - D_ROWS
         q32 = q.to(tl.float32)
         drel_rows = tl.dot(tl.trans(row_coef), q32, input_precision=DOT_PRECISION)
         drel_cols = tl.dot(tl.trans(col_coef), q32, input_precision=DOT_PRECISION)
-        drel = tl.where(offs_d[None, :] < D_ROWS, drel_rows, drel_cols) * scale
-        offs_t = tl.arange(0, KPAD)
-        drel_ptrs = DREL + pid.to(tl.int64) * KSIZE * D + offs_t[:, None] * D + offs_d[None, :]
-        tl.store(drel_ptrs, drel, mask=(offs_t[:, None] < KSIZE) & d_ok)
+        in_rows = offs_d[None, :] < D_ROWS
+        drel = tl.where(in_rows, drel_rows, drel_cols) * scale
+        offs_t = tl.arange(0, KPAD)[:, None]
+        drel_offsets = tl.where(in_rows, offs_t * D_ROWS + offs_d[None, :],
+                                KSIZE * D_ROWS + offs_t * D_COLS + (offs_d[None, :] - D_ROWS))
+        tl.store(DREL + pid.to(tl.int64) * KSIZE * D + drel_offsets, drel, mask=(offs_t < KSIZE) & d_ok)
 
     dq = dq * scale
     tl.store(_pixel_ptrs(DQ, batch, head, row0, col0, q_step_row, q_step_col, out_b, out_h, out_w, D, BLOCK_D),
@@ -686,7 +691,7 @@ class _OpPlan:
             for name in KERNELS)
         for plan in (self.fwd, self.dq, self.dkdv):
             _check_offsets(self.strides[1], plan)
-        self.drel_shape = (self.dq.programs, kernel_size, D) if rel_rows is not None else (1,)
+        self.drel_shape = (self.dq.programs, kernel_size * D) if rel_rows is not None else (1,)
 
 
 _PLANS: dict = {}  # key -> (the tuning state its configs came from, _OpPlan)
@@ -787,19 +792,22 @@ def _bwd(q, k, v, rel_rows, rel_cols, y, lse, dy, kernel_size, dilation, scale, 
     if dy.stride()[3:] != (D, 1):
         dy = dy.contiguous()
     delta = torch.empty_like(lse)
-    # Per-program partial gradients of the tables, (programs, k, D) fp32, summed below.
+    # Per-program partial gradients of the tables, (programs, k * D) fp32, summed below.
     drel = torch.empty(plan.drel_shape, device=q.device, dtype=torch.float32)
     dq_args, dkdv_args = _bwd_args(plan, q, k, v, rel_rows, rel_cols, y, lse, dy, delta, dq, dk, dv, drel, scale)
     _launch(plan.dq, dq_args)
     _launch(plan.dkdv, dkdv_args)  # reads delta
     if not has_rel:
         return dq, dk, dv, None, None
-    # (B, heads, tiles, k, D) -> (k, D) or (heads, k, D): a deterministic sum over batch and tiles.
+    # (B * heads * tiles, k * D) -> (k * D) or (heads, k * D): a deterministic sum over batch and
+    # tiles; the rel_rows gradient (k, D // 2), then the rel_cols one, contiguous for shared tables.
     if rel_rows.dim() == 2:
         total = drel.sum(0)
     else:
-        total = drel.view(B, heads, -1, kernel_size, D).sum(dim=(0, 2))
-    drel_rows, drel_cols = total.split_with_sizes((D // 2, D - D // 2), -1)
+        total = drel.view(B, heads, -1, kernel_size * D).sum(dim=(0, 2))
+    rows_size = kernel_size * (D // 2)
+    drel_rows = total[..., :rows_size].unflatten(-1, (kernel_size, D // 2))
+    drel_cols = total[..., rows_size:].unflatten(-1, (kernel_size, D - D // 2))
     if rel_rows.dtype != torch.float32:
         drel_rows, drel_cols = drel_rows.to(rel_rows.dtype), drel_cols.to(rel_cols.dtype)
     return dq, dk, dv, drel_rows, drel_cols
