@@ -102,8 +102,8 @@ _LAUNCHES: dict = {}
 def launch(kernel, grid, args, meta) -> None:
     """kernel[grid](*args, **meta) through the KernelLaunch of (kernel, grid, meta), kept per key:
     for the ops without cached launch plans (the attention stem's)."""
-    try:
-        key = (kernel, *grid, *meta.items())
+    try:  # (types too: 1, 1.0 and True are equal keys, not equal constexprs)
+        key = (kernel, *grid, *[(name, value, type(value)) for name, value in meta.items()])
         kernel_launch = _LAUNCHES.get(key)
     except TypeError:  # a meta value that cannot be hashed
         key = kernel_launch = None
