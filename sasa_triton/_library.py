@@ -78,10 +78,13 @@ class KernelLaunch:
             return
         device = _driver.active.get_current_device()
         # What Triton specializes a compiled kernel on, or more: a tensor's dtype and whether its
-        # address is a multiple of 16, an int's value, the type of anything else.
-        key = (device, *[(arg.dtype, not arg.data_ptr() & 15) if isinstance(arg, _Tensor) else
-                         arg if type(arg) is int else type(arg) for arg in args])
-        runner = self.runners.get(key)
+        # address is a multiple of 16, a float's type (never its value), anything else's value.
+        key = (device, *[(arg.dtype, not arg.data_ptr() & 15) if isinstance(arg, _Tensor) else arg
+                         if type(arg) is int else float if type(arg) is float else (type(arg), arg) for arg in args])
+        try:
+            runner = self.runners.get(key)
+        except TypeError:  # an argument that cannot be hashed: Triton decides
+            runner = key = None
         if runner is not None:
             runner(*args, *self.constexprs, stream=_driver.active.get_current_stream(device))
             return
@@ -92,7 +95,7 @@ class KernelLaunch:
             names = kernel.arg_names[len(args):]
             defaults = {p.name: p.default for p in kernel.params}
             self.constexprs = tuple(self.meta[name] if name in self.meta else defaults[name] for name in names)
-        if len(self.runners) < 64:
+        if key is not None and len(self.runners) < 64:
             self.runners[key] = compiled[self.grid]
 
 
