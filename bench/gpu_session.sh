@@ -13,9 +13,10 @@
 #   (host vs kernel time per call) and Nsight Compute on the three local kernels.
 # bench (~5 min): the README's main command, `python -m sasa_triton.bench`, time-boxed.
 # verify (~9.5 min): check's suite and quick check, then bench (no tuner, timings or ncu).
-# host (~7 min): tests/test_launch.py (the op's direct kernel launches against Triton's run,
-#   bitwise), bench/gpu_host_breakdown.py (where an eager call's host time goes: the same
-#   work inside a backward node on autograd's device thread and on the calling thread, and eager
+# host (~8 min): tests/test_launch.py (the op's direct kernel launches against Triton's run,
+#   bitwise) beside bench/gpu_quick_check.py (float64, the defaults), bench/gpu_host_breakdown.py
+#   (where an eager call's host time goes: the same work inside a backward node on autograd's
+#   device thread and on the calling thread, and eager
 #   training steps either way), then the README's main command from an empty Triton cache (its
 #   cold-cache time; its training rows also run with the backward on the calling thread).
 # tune (~6 min): every candidate of the stem kernels at the stem shape against the default
@@ -72,9 +73,12 @@ if [[ "$what" == check || "$what" == all ]]; then
 fi
 
 if [[ "$what" == host ]]; then
-  stamp "direct launches against Triton's run (bitwise), then the host-time breakdown"
+  stamp "direct launches against Triton's run (bitwise) beside the float64 quick check, then the host-time breakdown"
+  timeout 100 python bench/gpu_quick_check.py --no-timing >"$OUT/quick.log" 2>&1 &
+  quick=$!
   timeout 120 python -m pytest -q -p no:cacheprovider tests/test_launch.py >"$OUT/breakdown.log" 2>&1
   stamp "test_launch rc=$?"; tail -n 3 "$OUT/breakdown.log"
+  wait $quick; stamp "quick correctness rc=$?"; grep -E "BAD|MISMATCH|correctness" "$OUT/quick.log"
   timeout 150 python bench/gpu_host_breakdown.py >>"$OUT/breakdown.log" 2>&1
   stamp "breakdown rc=$?"; grep -E " us$| ms$" "$OUT/breakdown.log"
   rm -rf .triton_cache ~/.triton/cache "/tmp/torchinductor_$(whoami)"; mkdir -p .triton_cache  # cold: Triton and Inductor
