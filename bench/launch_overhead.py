@@ -2,6 +2,7 @@
 
     python bench/launch_overhead.py            # time it: Triton's run against the direct launch
     python bench/launch_overhead.py --check    # the direct launch passes what Triton's run passes
+    python bench/launch_overhead.py --op       # whole op calls (forward; forward + backward) either way
 
 Runs without a GPU. A stand-in for Triton's CUDA driver targets sm_90, so the local-attention
 kernels really compile for an H100 (through Triton's own JITFunction.run), and its launcher
@@ -267,9 +268,49 @@ def time_launches(shape=(32, 7, 7, 8, 64), rounds=30, calls=300) -> dict:
     return result
 
 
+def time_op(shape=(1, 7, 7, 8, 64), rounds=30, calls=200) -> dict:
+    """{(pass, way): us per op call}: the op's forward (`_fwd`, as under no_grad) and forward +
+    torch.autograd.grad (through its autograd.Function; the argument checks of local_attention2d,
+    which refuse CPU tensors outside the interpreter, are left out) with the kernels compiled but
+    not run, launched directly or through Triton's run: the fastest of `rounds` alternating
+    rounds, process CPU time, one thread. Batch 1 keeps the CPU's own tensor work (the
+    table-gradient sum) small."""
+    torch.set_num_threads(1)
+    q, k, v, rel_rows, rel_cols = _inputs(shape)
+    leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v, rel_rows, rel_cols)]
+    dy = torch.randn_like(q)
+    options = (7, 1, 1.0, "zeros")
+
+    def forward():
+        op._fwd(q, k, v, rel_rows, rel_cols, *options)
+
+    def forward_backward():
+        torch.autograd.grad(op._LocalAttention.apply(*leaves, *options), leaves, dy)
+
+    jobs = {(name, way): fn for name, fn in (("forward", forward), ("forward+backward", forward_backward))
+            for way in ("Triton run", "direct")}
+    best = dict.fromkeys(jobs, float("inf"))
+    try:
+        for _ in range(rounds):
+            for (name, way), fn in jobs.items():
+                _library.DIRECT_LAUNCH = way == "direct"
+                fn()  # (the first direct launch of a kernel goes through Triton)
+                CALLS.clear()
+                start = time.process_time()
+                for _ in range(calls // (4 if name != "forward" else 1)):
+                    fn()
+                best[(name, way)] = min(best[(name, way)],
+                                        (time.process_time() - start) / (calls // (4 if name != "forward" else 1)) * 1e6)
+    finally:
+        _library.DIRECT_LAUNCH = True
+    return best
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="compare the direct launches with Triton's own")
+    parser.add_argument("--op", action="store_true",
+                        help="time whole op calls (forward; forward + autograd.grad) launched either way")
     parser.add_argument("--shape", type=int, nargs=5, default=None, metavar=("B", "H", "W", "HEADS", "D"))
     args = parser.parse_args(argv)
     print(f"torch {torch.__version__}, triton {triton.__version__}, kernels compiled for sm_90, launcher stubbed")
@@ -277,6 +318,12 @@ def main(argv=None) -> int:
         failures = check(*([tuple(args.shape)] if args.shape else []))
         print(f"{len(failures)} failed" if failures else "all checks passed")
         return 1 if failures else 0
+    if args.op:
+        shape = tuple(args.shape) if args.shape else (1, 7, 7, 8, 64)
+        print(f"Python per op call, bf16 {shape} k 7 (fastest of alternating rounds, process CPU time, us):")
+        for (name, way), us in time_op(shape).items():
+            print(f"{name:<17} {way:<11} {us:8.1f}")
+        return 0
     shape = tuple(args.shape) if args.shape else (32, 7, 7, 8, 64)
     print(f"Python per launch, bf16 {shape} k 7 (fastest of alternating rounds, process CPU time, us):")
     print(f"{'kernel':<16} {'arguments':>9} {'Triton run':>10} {'direct':>8}")
