@@ -20,7 +20,6 @@ import argparse
 import contextlib
 import os
 import sys
-import time
 
 os.environ.pop("TRITON_INTERPRET", None)  # compiled kernels (the interpreter has no launcher)
 os.environ["SASA_TRITON_AUTOTUNE"] = "0"  # default configs; no tuned file is read
@@ -81,6 +80,7 @@ class FakeCudaDriver:
 driver.set_active(FakeCudaDriver())
 
 from sasa_triton import _library  # noqa: E402
+from sasa_triton.bench_host import _time_rounds  # noqa: E402
 from sasa_triton.ops import local_attention as op  # noqa: E402
 
 assert _library.DIRECT_LAUNCH, "direct launches are off (SASA_TRITON_DIRECT_LAUNCH=0 or the triton_op path)"
@@ -248,22 +248,25 @@ def check(shape=(1, 9, 11, 4, 16)) -> list:
     return failures
 
 
+def _unrecorded(fn, direct=True):
+    """fn with direct launches on or off, the recorder emptied after each call (timing)."""
+    def call():
+        _library.DIRECT_LAUNCH = direct
+        fn()
+        CALLS.clear()
+    return call
+
+
 def time_launches(shape=(32, 7, 7, 8, 64), rounds=30, calls=300) -> dict:
-    """{kernel: (us per launch through Triton's run, us per direct launch)}: the fastest of
-    `rounds` alternating rounds of process CPU time, one CPU thread, a no-op launcher."""
+    """{kernel: (us per launch through Triton's run, us per direct launch, arguments)}: the fastest
+    of `rounds` alternating rounds (sasa_triton.bench_host._time_rounds: process CPU time), one
+    CPU thread, a no-op launcher."""
     torch.set_num_threads(1)
     result = {}
     for name, (launch, args) in _launches(*_inputs(shape)).items():
         launch(args)  # compile; keep the runner
-        jobs = {"triton": lambda: _through_triton(launch, args), "direct": lambda: launch(args)}
-        best = dict.fromkeys(jobs, float("inf"))
-        for _ in range(rounds):
-            for job, fn in jobs.items():
-                CALLS.clear()
-                start = time.process_time()
-                for _ in range(calls):
-                    fn()
-                best[job] = min(best[job], (time.process_time() - start) / calls * 1e6)
+        best = _time_rounds({"triton": (_unrecorded(lambda: _through_triton(launch, args)), rounds * calls),
+                             "direct": (_unrecorded(lambda: launch(args)), rounds * calls)}, repeats=rounds)
         result[name] = (best["triton"], best["direct"], len(args))
     return result
 
@@ -273,8 +276,8 @@ def time_op(shape=(1, 7, 7, 8, 64), rounds=30, calls=200) -> dict:
     torch.autograd.grad (through its autograd.Function; the argument checks of local_attention2d,
     which refuse CPU tensors outside the interpreter, are left out) with the kernels compiled but
     not run, launched directly or through Triton's run: the fastest of `rounds` alternating
-    rounds, process CPU time, one thread. Batch 1 keeps the CPU's own tensor work (the
-    table-gradient sum) small."""
+    rounds (bench_host._time_rounds), process CPU time, one thread. Batch 1 keeps the CPU's own
+    tensor work (the table-gradient sum) small."""
     torch.set_num_threads(1)
     q, k, v, rel_rows, rel_cols = _inputs(shape)
     leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v, rel_rows, rel_cols)]
@@ -287,23 +290,13 @@ def time_op(shape=(1, 7, 7, 8, 64), rounds=30, calls=200) -> dict:
     def forward_backward():
         torch.autograd.grad(op._LocalAttention.apply(*leaves, *options), leaves, dy)
 
-    jobs = {(name, way): fn for name, fn in (("forward", forward), ("forward+backward", forward_backward))
+    jobs = {(name, way): (_unrecorded(fn, way == "direct"), rounds * per_round)
+            for name, fn, per_round in (("forward", forward, calls), ("forward+backward", forward_backward, calls // 4))
             for way in ("Triton run", "direct")}
-    best = dict.fromkeys(jobs, float("inf"))
     try:
-        for _ in range(rounds):
-            for (name, way), fn in jobs.items():
-                _library.DIRECT_LAUNCH = way == "direct"
-                fn()  # (the first direct launch of a kernel goes through Triton)
-                CALLS.clear()
-                start = time.process_time()
-                for _ in range(calls // (4 if name != "forward" else 1)):
-                    fn()
-                best[(name, way)] = min(best[(name, way)],
-                                        (time.process_time() - start) / (calls // (4 if name != "forward" else 1)) * 1e6)
+        return _time_rounds(jobs, repeats=rounds)
     finally:
         _library.DIRECT_LAUNCH = True
-    return best
 
 
 def main(argv=None) -> int:
