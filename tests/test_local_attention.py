@@ -267,6 +267,28 @@ def test_forward_head_pairs(B, H, W, heads, D, k, dilation, padding, rel, dtype,
     torch.testing.assert_close(lse, lse_default, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("dilation,padding,rel", [(1, "zeros", "shared"), (2, "mask", "per_head")])
+def test_dkdv_row_bias_by_fmas_and_by_dot_and_gather(dilation, padding, rel, device):
+    """dk/dv's two ways to the row bias (ROW_BIAS_FMA: FMAs against the step's table slice where
+    Dr * BLOCK_H <= 16; else a dot against every tap and a gather): at D = 16 a 2 x 8 key tile
+    takes the first, a 4 x 8 tile the second. Both against float64, and against each other."""
+    B, H, W, heads, D, k = 1, 9, 11, 2, 16, 5
+    dtype = torch.float32
+    inputs, dy = make_inputs(B, H, W, heads, D, k, rel, device, dtype)
+    options = dict(kernel_size=k, dilation=dilation, scale=0.5, padding=padding)
+    exact, in_dtype = references(inputs, dy, **options)
+    defaults = gpu_defaults(k, dilation, D, dtype)
+    runs = {}
+    for block_h in (2, 4):
+        configs = {**defaults, "local_bwd_dkdv": {**defaults["local_bwd_dkdv"], "BLOCK_H": block_h}}
+        plan = _op_plan(*inputs[:4], k, dilation, padding, configs)
+        runs[plan.dkdv.meta["ROW_BIAS_FMA"]] = results = results_of_launchers(inputs, dy, configs, **options)
+        check_results(results, exact, in_dtype, dtype, label=f"dk/dv BLOCK_H {block_h}")
+    assert set(runs) == {0, 1}
+    for name in ("dk", "dv"):
+        torch.testing.assert_close(runs[1][name], runs[0][name], rtol=1e-4, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------------------------
 # The check itself: it must reject what the kernels could get wrong
 # ----------------------------------------------------------------------------------------------

@@ -17,7 +17,9 @@ Backward (flash-attention style, no atomics, deterministic): a query-stationary 
 the probabilities from the log-sum-exp (folded into the row bias) and gives dq, delta =
 rowsum(dy * y) and per-program partial gradients of the relative tables (summed by torch); a
 key-stationary kernel walks the haloed query strip of a key tile with the same biases transposed
-and gives dk and dv.
+and gives dk and dv. There a step's row bias, where the row half of a head is small (Dr *
+BLOCK_H <= 16), is a few FMAs per (key row, query) against the step's slice of rel_rows (each
+query meets only BLOCK_H taps of it) instead of a dot against all k taps and a gather.
 """
 from __future__ import annotations
 
@@ -82,10 +84,11 @@ def _strip_offsets(halo_col, step_row, stride_h, stride_w, D: tl.constexpr, BLOC
 @triton.jit
 def _rel_logits(x, REL_ROWS, REL_COLS, head, D: tl.constexpr, D_ROWS: tl.constexpr, KSIZE: tl.constexpr,
                 REL_PER_HEAD: tl.constexpr, DOT_PRECISION: tl.constexpr, KPAD: tl.constexpr,
-                BLOCK_D: tl.constexpr, CH0: tl.constexpr):
+                BLOCK_D: tl.constexpr, CH0: tl.constexpr, ROWS: tl.constexpr = True):
     """The relative tables as (KPAD, BLOCK_D) fp32 tiles laid over the channels of a head that
     starts at channel CH0 of x (rel_rows in [CH0, CH0 + Dr), rel_cols in [CH0 + Dr, CH0 + D),
-    zeros elsewhere) and x's logits against them: x.rel_rows[t] and x.rel_cols[t] as (pixels, KPAD)."""
+    zeros elsewhere) and x's logits against them: x.rel_rows[t] and x.rel_cols[t] as (pixels, KPAD)
+    (without ROWS, the column half only: rel_rows and its logits are zeros)."""
     D_COLS: tl.constexpr = D - D_ROWS
     offs_t = tl.arange(0, KPAD)
     offs_d = tl.arange(0, BLOCK_D)
@@ -97,11 +100,15 @@ def _rel_logits(x, REL_ROWS, REL_COLS, head, D: tl.constexpr, D_ROWS: tl.constex
     rows_ok = t_ok & (offs_d[None, :] < CH0 + D_ROWS)
     if CH0 > 0:
         rows_ok = rows_ok & (offs_d[None, :] >= CH0)
-    rel_rows = tl.load(rows_ptrs, mask=rows_ok, other=0.0).to(tl.float32)
+    rel_rows = tl.zeros((KPAD, BLOCK_D), dtype=tl.float32)
+    if ROWS:
+        rel_rows = tl.load(rows_ptrs, mask=rows_ok, other=0.0).to(tl.float32)
     rel_cols = tl.load(cols_ptrs, mask=t_ok & (offs_d[None, :] >= CH0 + D_ROWS) & (offs_d[None, :] < CH0 + D),
                        other=0.0).to(tl.float32)
     x32 = x.to(tl.float32)
-    row_logits = tl.dot(x32, tl.trans(rel_rows), input_precision=DOT_PRECISION)
+    row_logits = tl.zeros((x.shape[0], KPAD), dtype=tl.float32)
+    if ROWS:
+        row_logits = tl.dot(x32, tl.trans(rel_rows), input_precision=DOT_PRECISION)
     col_logits = tl.dot(x32, tl.trans(rel_cols), input_precision=DOT_PRECISION)
     return rel_rows, rel_cols, row_logits, col_logits
 
@@ -441,10 +448,16 @@ def _local_attn_bwd_dkdv_kernel(
     HAS_REL: tl.constexpr, REL_PER_HEAD: tl.constexpr, MASK_PADDING: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, HALO_W: tl.constexpr,
     STEP_ROWS: tl.constexpr, KPAD: tl.constexpr, BLOCK_D: tl.constexpr, SELECT_GATHER: tl.constexpr,
+    ROW_BIAS_FMA: tl.constexpr, DR_PAD: tl.constexpr,
 ):
     # Key-stationary: a BLOCK_H x BLOCK_W tile of keys walks the haloed strip of queries that can
     # see it, STEP_ROWS query rows at a time. Keys outside the image are never stored, so the
     # "mask" padding needs no key mask here; queries outside the image get a -inf bias.
+    # ROW_BIAS_FMA (with tables, where D_ROWS * BLOCK_H is small: ROW_BIAS_FMA_MAX): the row bias
+    # of a step is rel_rows[tap] . q[:Dr] by FMAs, each query against the BLOCK_H taps of its own
+    # strip row (a (Dr, BLOCK_H, STEP_ROWS) slice of the table), instead of a dot against all k
+    # taps and a gather of BLOCK_H of them; the column bias keeps its dot and gather (a query's
+    # column taps depend on its column, so the same trick would hold a table per strip column).
     RADIUS: tl.constexpr = DILATION * (KSIZE // 2)
     HALO_ROWS: tl.constexpr = BLOCK_H + 2 * RADIUS
     BLOCK_K: tl.constexpr = BLOCK_H * BLOCK_W
@@ -475,6 +488,16 @@ def _local_attn_bwd_dkdv_kernel(
     q_offsets = _strip_offsets(n_halo_col, n_step_row, stride_h, stride_w, D, BLOCK_D)
     dy_offsets = _strip_offsets(n_halo_col, n_step_row, stride_dyh, stride_dyw, D, BLOCK_D)
     stat_origin = batch_head.to(tl.int64) * H * W
+    step_row = tl.arange(0, STEP_ROWS)
+    if ROW_BIAS_FMA:
+        # A step's q[:Dr] as (DR_PAD, 1, STEP_ROWS, HALO_W): the channels outermost, so that each
+        # thread holds all of a query's and its sums stay in the thread. Read at clamped pixels
+        # and channels (no mask: a query outside the image gets a -inf bias anyway; channels past
+        # Dr meet zeros in the table).
+        offs_dr = tl.arange(0, DR_PAD)
+        q_head = Q + (batch * stride_b + head * D)
+        strip_col = tl.minimum(tl.maximum(col0 - RADIUS + tl.arange(0, HALO_W), 0), W - 1)
+        q_row_cols = tl.minimum(offs_dr, D_ROWS - 1)[:, None, None, None] + (strip_col * stride_w)[None, None, None, :]
 
     dk = tl.zeros((BLOCK_K, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_K, BLOCK_D), dtype=tl.float32)
@@ -491,15 +514,37 @@ def _local_attn_bwd_dkdv_kernel(
         col_logits = tl.zeros((BLOCK_N, KPAD), dtype=tl.float32)
         if HAS_REL:
             _, _, row_logits, col_logits = _rel_logits(qc, REL_ROWS, REL_COLS, head, D, D_ROWS, KSIZE,
-                                                       REL_PER_HEAD, DOT_PRECISION, KPAD, BLOCK_D, 0)
+                                                       REL_PER_HEAD, DOT_PRECISION, KPAD, BLOCK_D, 0,
+                                                       ROWS=not ROW_BIAS_FMA)
         # (queries, key tile rows) and (queries, key tile columns), then transposed.
-        row_bias = _window_bias(row_logits * qk_scale, key_tile_row[None, :] - halo_row[:, None] + 2 * RADIUS,
-                                query_in[:, None], HAS_REL, KSIZE, DILATION, SELECT_GATHER) - lse2[:, None]
+        if not ROW_BIAS_FMA:
+            row_bias = _window_bias(row_logits * qk_scale, key_tile_row[None, :] - halo_row[:, None] + 2 * RADIUS,
+                                    query_in[:, None], HAS_REL, KSIZE, DILATION, SELECT_GATHER) - lse2[:, None]
         col_bias = _window_bias(col_logits * qk_scale, key_tile_col[None, :] - n_halo_col[:, None] + 2 * RADIUS,
                                 (n_halo_col >= 0)[:, None], HAS_REL, KSIZE, DILATION, SELECT_GATHER)
         logits = tl.dot(kt, tl.trans(qc), input_precision=DOT_PRECISION)  # (BLOCK_K, BLOCK_N)
-        logits = (tl.reshape(logits, (BLOCK_H, BLOCK_W, BLOCK_N)) * qk_scale
-                  + tl.trans(row_bias)[:, None, :] + tl.trans(col_bias)[None, :, :])
+        if ROW_BIAS_FMA:
+            # (key tile rows, step rows, strip columns): each query against the BLOCK_H taps
+            # of its strip row, -inf outside the window; the table is zero past Dr.
+            row_tap = key_tile_row[:, None] - (first + step_row)[None, :] + 2 * RADIUS  # (BLOCK_H, STEP_ROWS)
+            row_ok = (row_tap >= 0) & (row_tap <= 2 * RADIUS)
+            if DILATION > 1:
+                row_ok = row_ok & (row_tap % DILATION == 0)
+            table = tl.load(REL_ROWS + head * (KSIZE * D_ROWS * REL_PER_HEAD)
+                            + tl.where(row_ok, row_tap // DILATION, 0)[None, :, :, None] * D_ROWS
+                            + offs_dr[:, None, None, None],
+                            mask=row_ok[None, :, :, None] & (offs_dr < D_ROWS)[:, None, None, None], other=0.0)
+            strip_row = tl.minimum(tl.maximum(row0 - RADIUS + first + step_row, 0), H - 1)
+            q_rows = tl.load(q_head + (strip_row.to(tl.int64) * stride_h)[None, None, :, None] + q_row_cols)
+            row_bias = (tl.sum(q_rows.to(tl.float32) * qk_scale * table.to(tl.float32), axis=0)
+                        + tl.where(row_ok, 0.0, float("-inf"))[:, :, None])
+            row_bias = tl.reshape(row_bias, (BLOCK_H, BLOCK_N))
+            row_bias = tl.where(query_in[None, :], row_bias, float("-inf")) - lse2[None, :]
+            logits = (tl.reshape(logits, (BLOCK_H, BLOCK_W, BLOCK_N)) * qk_scale
+                      + row_bias[:, None, :] + tl.trans(col_bias)[None, :, :])
+        else:
+            logits = (tl.reshape(logits, (BLOCK_H, BLOCK_W, BLOCK_N)) * qk_scale
+                      + tl.trans(row_bias)[:, None, :] + tl.trans(col_bias)[None, :, :])
         p = tl.reshape(tl.exp2(logits), (BLOCK_K, BLOCK_N))
         dv += tl.dot(p.to(dyc.dtype), dyc, input_precision=DOT_PRECISION)
         dp = tl.dot(vt, tl.trans(dyc), input_precision=DOT_PRECISION)
@@ -625,6 +670,16 @@ def config_space(kernel, kernel_size, dilation, head_dim, dtype, height_bucket, 
                         yield {**config, "HEADS_PER_PROGRAM": 2}
 
 
+# dk/dv computes a step's row bias by FMAs (ROW_BIAS_FMA) where Dr * BLOCK_H, the table values
+# each query's thread multiplies, is at most this. sm_90 warp-instructions per (pixel, head), k = 7,
+# dot-and-gather -> FMAs (bench/RESULTS.md, 2026-11-30): bf16 D 8 (4 x 8 tile: 16) 129.7 -> 102.8
+# on Triton 3.9, 127.7 -> 122.3 on 3.6, 139.3 -> 136.4 on 3.3; fp32 D 16 (2 x 8: 16) 1008 -> 820
+# (3.9). At 32 (bf16 D 16 on 4 x 8, D 32 on 2 x 8) 3.9 still gains (127.6 -> 110.2, 215.6 ->
+# 212.0) but 3.3 and 3.6 lose 26-35 % (they sum over the channels across lanes); at 64 (D 64)
+# 3.9 loses too.
+ROW_BIAS_FMA_MAX = 16
+
+
 def _meta(q, kernel_size, dilation, padding, rel_rows, config):
     head_dim = q.shape[-1]
     return dict(
@@ -654,6 +709,9 @@ class _Plan:
         self.config = config
         self.meta = _meta(q, kernel_size, dilation, padding, rel_rows, config)
         groups = B * heads
+        if kernel == "local_bwd_dkdv":
+            row_fma = rel_rows is not None and (D // 2) * config["BLOCK_H"] <= ROW_BIAS_FMA_MAX
+            self.meta.update(ROW_BIAS_FMA=int(row_fma), DR_PAD=tuning.next_power_of_2(max(1, D // 2)))
         if kernel == "local_fwd":
             self.meta["HEADS_PER_PROGRAM"] = heads_per_program(config, heads, D)
             groups //= self.meta["HEADS_PER_PROGRAM"]
