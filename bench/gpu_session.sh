@@ -19,9 +19,11 @@
 #   device thread and on the calling thread, and eager
 #   training steps either way), then the README's main command from an empty Triton cache (its
 #   cold-cache time; its training rows also run with the backward on the calling thread).
-# tune (~6 min): every candidate of the stem kernels at the stem shape against the default
-#   (bench/sweep_candidates.py), then the tuner over the default keys into $OUT/tuned.json
-#   (written key by key, so a time-boxed run keeps what it finished).
+# tune (~7 min): the backward kernels at 1/2 and 1/4 of their default steps (bench/gpu_step_sizes.py:
+#   fewer registers, more occupancy, more instructions: which wins), every candidate of the stem
+#   kernels at the stem shape against the default (bench/sweep_candidates.py), then the tuner
+#   over the default keys into $OUT/tuned.json (written key by key, so a time-boxed run keeps
+#   what it finished).
 #
 # Seen on an H200 VM (2026-11-29): the whole suite takes about 5 minutes of 16 workers, most of
 # it compiling (the 72-case GPU grid compiles three kernels per case), so a 15-minute lease does
@@ -89,6 +91,9 @@ if [[ "$what" == host ]]; then
 fi
 
 if [[ "$what" == tune ]]; then
+  stamp "backward kernels at smaller steps (occupancy against instructions)"
+  timeout 60 python bench/gpu_step_sizes.py >"$OUT/steps.log" 2>&1
+  stamp "steps rc=$?"; cat "$OUT/steps.log"
   stamp "stem candidates at the stem shape"
   timeout 170 python bench/sweep_candidates.py --out "$OUT/sweep" --kernels spatial_block_fwd \
     spatial_block_bwd_dq spatial_block_bwd_dkdv spatial_sliding_fwd spatial_sliding_bwd_dq \
