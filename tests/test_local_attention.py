@@ -18,7 +18,7 @@ import torch
 
 import sasa_triton
 from sasa_triton import tuning
-from sasa_triton.ops.local_attention import _bwd, _fwd, _op_plan
+from sasa_triton.ops.local_attention import _bwd, _fwd, _op_plan, qkv_parts
 from sasa_triton.reference import local_attention2d as reference
 
 from helpers import assert_close_to_reference, reference_in_dtype
@@ -384,6 +384,89 @@ def test_noncontiguous_and_channels_last_views(device):
         inputs = [q, key, v, rel_rows, rel_cols]
         results = results_by_autograd(sasa_triton.local_attention2d, inputs, dy, kernel_size=k, backend="triton")
         check_results(results, *references(inputs, dy, kernel_size=k), torch.float32, str(memory_format))
+
+
+def _graph_nodes(fn):
+    """Names of every node of the autograd graph that ends in fn."""
+    names, seen, stack = set(), set(), [fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        stack.extend(next_fn for next_fn, _ in node.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("rel", ["shared", None])
+def test_unbound_qkv_takes_its_gradient_in_one_piece(rel, device):
+    """q, k, v unbound from one channels_last qkv projection that requires grad: the kernels write
+    their gradients into one tensor laid out like the projection, which autograd hands it directly
+    (no UnbindBackward stacking three). y and every gradient bitwise as with separate q, k, v
+    leaves, and against float64; NaN-poisoned, the one gradient comes back fully written."""
+    B, H, W, heads, D, k = 2, 5, 6, 2, 8, 3
+    gen = torch.Generator().manual_seed(5)
+    proj = torch.randn(B, 3 * heads * D, H, W, generator=gen).to(device).contiguous(memory_format=torch.channels_last)
+    tables = [None, None] if rel is None else [torch.randn(k, D // 2, generator=gen).to(device),
+                                               torch.randn(k, D - D // 2, generator=gen).to(device)]
+    dy = torch.randn(B, H, W, heads, D, generator=gen).to(device)
+    options = dict(kernel_size=k, padding="mask", backend="triton")
+
+    qkv = proj.clone().requires_grad_(True)
+    q, key, v = qkv.permute(0, 2, 3, 1).unflatten(-1, (3, heads, D)).unbind(3)
+    assert qkv_parts(q, key, v) is qkv
+    tables_packed = [None if t is None else t.clone().requires_grad_(True) for t in tables]
+    y = sasa_triton.local_attention2d(q, key, v, *tables_packed, **options)
+    assert "UnbindBackward0" not in _graph_nodes(y.grad_fn)
+    y.backward(dy)
+    d_packed = qkv.grad.permute(0, 2, 3, 1).unflatten(-1, (3, heads, D)).unbind(3)
+
+    leaves = [t.detach().requires_grad_(True) for t in proj.permute(0, 2, 3, 1).unflatten(-1, (3, heads, D)).unbind(3)]
+    assert qkv_parts(*leaves) is None  # separate leaves
+    tables_apart = [None if t is None else t.clone().requires_grad_(True) for t in tables]
+    y_apart = sasa_triton.local_attention2d(*leaves, *tables_apart, **options)
+    y_apart.backward(dy)
+    assert torch.equal(y, y_apart)
+    for name, got, want in zip(("dq", "dk", "dv"), d_packed, (t.grad for t in leaves)):
+        assert torch.equal(got, want), name
+    if rel is not None:
+        for got, want in zip(tables_packed, tables_apart):
+            assert torch.equal(got.grad, want.grad)
+        results = {"y": y, **dict(zip(GRADIENTS, (*d_packed, *(t.grad for t in tables_packed))))}
+        inputs = [*(t.detach() for t in leaves), *tables]
+        check_results(results, *references(inputs, dy.double().cpu(), kernel_size=k, padding="mask"),
+                      torch.float32, "packed")
+
+    # Every element of the one gradient is written (a NaN-poisoned buffer laid out like qkv).
+    y, lse = _fwd(*(t.detach() for t in (q, key, v)), *tables, k, 1, 1.0, "mask")
+    poisoned = torch.full_like(proj, float("nan"))
+    grads = poisoned.permute(0, 2, 3, 1).unflatten(-1, (3, heads, D)).unbind(3)
+    _bwd(*(t.detach() for t in (q, key, v)), *tables, y, lse, dy, k, 1, 1.0, "mask", grads=grads)
+    assert torch.isfinite(poisoned).all()
+
+
+def test_views_that_do_not_cover_one_packed_tensor_take_gradients_apart(device):
+    """The one-piece gradient needs q, k, v to be, in order, the parts of one channels_last
+    projection that requires grad, each requiring grad; otherwise each takes its own."""
+    B, H, W, heads, D = 1, 4, 5, 2, 8
+    channels_last = torch.randn(B, 3 * heads * D, H, W).to(device).contiguous(memory_format=torch.channels_last)
+    nchw = channels_last.contiguous().requires_grad_(True)
+    packed = channels_last.requires_grad_(True)
+    split = lambda t: t.permute(0, 2, 3, 1).unflatten(-1, (3, heads, D)).unbind(3)  # noqa: E731
+    q, key, v = split(packed)
+    assert qkv_parts(q, key, v) is packed
+    six_d = torch.randn(B, H, W, 3, heads, D).to(device).requires_grad_(True)  # also one piece
+    assert qkv_parts(*six_d.unbind(3)) is six_d
+    assert qkv_parts(*six_d.transpose(1, 2).unbind(3)) is None  # its parts not laid out as the kernels write
+    assert qkv_parts(*split(nchw)) is None  # NCHW: the kernels read a copy
+    assert qkv_parts(key, q, v) is None  # another order
+    assert qkv_parts(q, key.detach(), v) is None  # one of them without grad
+    with torch.no_grad():
+        assert qkv_parts(*split(packed)) is None  # views made without grad
+    wider = torch.randn(B, 4 * heads * D, H, W).to(device).contiguous(memory_format=torch.channels_last)
+    wider.requires_grad_(True)
+    assert qkv_parts(*wider.permute(0, 2, 3, 1).unflatten(-1, (4, heads, D)).unbind(3)[:3]) is None  # not all of it
 
 
 @pytest.mark.parametrize("D", [8, 7])

@@ -46,6 +46,22 @@ def test_layer_through_triton_kernels(device):
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
 
 
+def test_layer_gradient_reaches_the_projection_in_one_piece(device):
+    """With channels_last input the op hands the qkv projection its gradient as one tensor:
+    the backward stacks nothing (no UnbindBackward node between the op and the projection)."""
+    layer = SelfAttention2d(4, 8, kernel_size=3, heads=2, backend="triton").to(device)
+    x = torch.randn(1, 4, 5, 6, device=device).contiguous(memory_format=torch.channels_last)
+    out = layer(x)
+    names, seen, stack = set(), set(), [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            names.add(type(node).__name__)
+            stack.extend(next_fn for next_fn, _ in node.next_functions)
+    assert "ConvolutionBackward0" in names and "UnbindBackward0" not in names, names
+
+
 def test_parameter_count_and_init():
     layer = SelfAttention2d(64, 128, kernel_size=7, heads=8)
     D = 128 // 8

@@ -363,6 +363,7 @@ def _local_attn_bwd_dq_kernel(
     HAS_REL: tl.constexpr, REL_PER_HEAD: tl.constexpr, MASK_PADDING: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, HALO_W: tl.constexpr,
     STEP_ROWS: tl.constexpr, KPAD: tl.constexpr, BLOCK_D: tl.constexpr, SELECT_GATHER: tl.constexpr,
+    GRAD_PACK: tl.constexpr,
 ):
     RADIUS: tl.constexpr = DILATION * (KSIZE // 2)
     HALO_ROWS: tl.constexpr = BLOCK_H + 2 * RADIUS
@@ -373,7 +374,7 @@ def _local_attn_bwd_dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d[None, :] < D
     q_mask = q_in[:, None] & d_ok
-    out_b, out_h, out_w = H * W * heads * D, W * heads * D, heads * D  # y, dq: ours, contiguous
+    out_b, out_h, out_w = H * W * heads * D, W * heads * D, heads * D  # y: ours, contiguous
     q = tl.load(_pixel_ptrs(Q, batch, head, row0, col0, q_step_row, q_step_col, stride_b, stride_h, stride_w,
                             D, BLOCK_D), mask=q_mask, other=0.0)
     dy = tl.load(_pixel_ptrs(DY, batch, head, row0, col0, q_step_row, q_step_col, stride_dyb, stride_dyh,
@@ -434,7 +435,9 @@ def _local_attn_bwd_dq_kernel(
         tl.store(DREL + pid.to(tl.int64) * KSIZE * D + drel_offsets, drel, mask=(offs_t < KSIZE) & d_ok)
 
     dq = dq * scale
-    tl.store(_pixel_ptrs(DQ, batch, head, row0, col0, q_step_row, q_step_col, out_b, out_h, out_w, D, BLOCK_D),
+    # dq: ours, contiguous, or with GRAD_PACK 3 the q part of a contiguous (B, H, W, 3, heads, D) dqkv
+    tl.store(_pixel_ptrs(DQ, batch, head, row0, col0, q_step_row, q_step_col, out_b * GRAD_PACK, out_h * GRAD_PACK,
+                         out_w * GRAD_PACK, D, BLOCK_D),
              dq.to(DQ.dtype.element_ty), mask=q_mask)
 
 
@@ -448,7 +451,7 @@ def _local_attn_bwd_dkdv_kernel(
     HAS_REL: tl.constexpr, REL_PER_HEAD: tl.constexpr, MASK_PADDING: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, HALO_W: tl.constexpr,
     STEP_ROWS: tl.constexpr, KPAD: tl.constexpr, BLOCK_D: tl.constexpr, SELECT_GATHER: tl.constexpr,
-    ROW_BIAS_FMA: tl.constexpr, DR_PAD: tl.constexpr,
+    ROW_BIAS_FMA: tl.constexpr, DR_PAD: tl.constexpr, GRAD_PACK: tl.constexpr,
 ):
     # Key-stationary: a BLOCK_H x BLOCK_W tile of keys walks the haloed strip of queries that can
     # see it, STEP_ROWS query rows at a time. Keys outside the image are never stored, so the
@@ -552,7 +555,9 @@ def _local_attn_bwd_dkdv_kernel(
         dk += tl.dot(dlogits.to(qc.dtype), qc, input_precision=DOT_PRECISION)
 
     dk = dk * scale
-    out_b, out_h, out_w = H * W * heads * D, W * heads * D, heads * D  # dk, dv: ours, contiguous
+    # dk, dv: ours, contiguous, or with GRAD_PACK 3 the k and v parts of a contiguous (B, H, W, 3, heads, D) dqkv
+    out_w = heads * D * GRAD_PACK
+    out_b, out_h = H * W * out_w, W * out_w
     tl.store(_pixel_ptrs(DK, batch, head, row0, col0, k_step_row, k_step_col, out_b, out_h, out_w, D, BLOCK_D),
              dk.to(DK.dtype.element_ty), mask=k_mask)
     tl.store(_pixel_ptrs(DV, batch, head, row0, col0, k_step_row, k_step_col, out_b, out_h, out_w, D, BLOCK_D),
@@ -702,13 +707,15 @@ def heads_per_program(config: dict, heads: int, head_dim: int) -> int:
 class _Plan:
     """What a launch of one kernel needs besides the tensors, fixed per (kernel, shape, options,
     config), and its launcher (which keeps the compiled kernel)."""
-    __slots__ = ("config", "meta", "grid", "programs", "launch")
+    __slots__ = ("config", "meta", "grid", "programs", "launch", "kernel", "packed")
 
     def __init__(self, kernel, q, kernel_size, dilation, padding, rel_rows, config):
         B, H, W, heads, D = q.shape
-        self.config = config
+        self.config, self.kernel, self.packed = config, kernel, None
         self.meta = _meta(q, kernel_size, dilation, padding, rel_rows, config)
         groups = B * heads
+        if kernel != "local_fwd":
+            self.meta["GRAD_PACK"] = 1
         if kernel == "local_bwd_dkdv":
             row_fma = rel_rows is not None and (D // 2) * config["BLOCK_H"] <= ROW_BIAS_FMA_MAX
             self.meta.update(ROW_BIAS_FMA=int(row_fma), DR_PAD=tuning.next_power_of_2(max(1, D // 2)))
@@ -718,6 +725,18 @@ class _Plan:
         self.grid = (groups, triton.cdiv(H, config["BLOCK_H"]), triton.cdiv(W, config["BLOCK_W"]))
         self.programs = self.grid[0] * self.grid[1] * self.grid[2]
         self.launch = KernelLaunch(_KERNEL_FNS[kernel], self.grid, self.meta)
+
+    def with_packed_grads(self) -> "_Plan":
+        """This backward kernel's plan writing its gradients into the parts of a (B, H, W, 3,
+        heads, D) dqkv tensor (GRAD_PACK 3; made once)."""
+        if self.packed is None:
+            packed = object.__new__(_Plan)
+            packed.config, packed.kernel, packed.packed = self.config, self.kernel, None
+            packed.grid, packed.programs = self.grid, self.programs
+            packed.meta = {**self.meta, "GRAD_PACK": 3}
+            packed.launch = KernelLaunch(_KERNEL_FNS[self.kernel], self.grid, packed.meta)
+            self.packed = packed
+        return self.packed
 
 
 def _check_offsets(stride_h: int, plan: _Plan) -> None:
@@ -807,6 +826,46 @@ def _bwd_args(plan, q, k, v, rel_rows, rel_cols, y, lse, dy, delta, dq, dk, dv, 
     return (*inputs, y, dy, lse, delta, dq, drel, *sizes), (*inputs, dy, lse, delta, dk, dv, *sizes)
 
 
+def _grad_layout(grads) -> bool:
+    """Whether the kernels can write (dq, dk, dv) as they are: (B, H, W, heads, D) tensors of one
+    layout, contiguous or the parts of a contiguous (B, H, W, 3, heads, D) tensor."""
+    B, H, W, heads, D = grads[0].shape
+    strides = grads[0].stride()
+    return (all(g.shape == grads[0].shape and g.stride() == strides for g in grads) and strides[4] == 1
+            and strides[3] == D and strides[2] in (heads * D, 3 * heads * D) and strides[1] == W * strides[2]
+            and strides[0] == H * strides[1])
+
+
+def qkv_parts(q, k, v):
+    """The tensor q, k, v are the three parts of, in this order, or None: views of one base
+    tensor that requires grad, made with grad enabled, laid out as a contiguous (B, H, W, 3, heads,
+    D) tensor (a channels_last qkv projection viewed and unbound), and covering all of it. Such q, k, v
+    take their gradients as one tensor laid out like the base (the op's kernels write into its
+    three parts), which autograd hands to the base directly: nothing is stacked or copied."""
+    base = q._base
+    if (base is None or k._base is not base or v._base is not base or not base.requires_grad
+            or q.grad_fn is None or k.grad_fn is None or v.grad_fn is None):  # (views made without grad have none)
+        return None
+    B, H, W, heads, D = q.shape
+    step, strides, offset = heads * D, q.stride(), q.storage_offset()
+    if (strides != (H * W * 3 * step, W * 3 * step, 3 * step, D, 1) or k.stride() != strides
+            or v.stride() != strides or k.storage_offset() != offset + step or v.storage_offset() != offset + 2 * step
+            or base.storage_offset() != offset or base.numel() != 3 * q.numel() or base.dtype != q.dtype
+            or not (base.is_contiguous() or base.is_contiguous(memory_format=torch.channels_last) or _dense(base))):
+        return None
+    return base
+
+
+def _dense(t) -> bool:
+    """Whether t's elements fill its memory span exactly once (any order of dimensions)."""
+    expected = 1
+    for stride, size in sorted((st, s) for s, st in zip(t.shape, t.stride()) if s != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
 def _fwd(q, k, v, rel_rows, rel_cols, kernel_size, dilation, scale, padding, y=None, lse=None, config=None,
          plan=None):
     """Launch the forward kernel. Returns y (B, H, W, heads, D), contiguous, and lse (B, heads, H, W)
@@ -827,14 +886,16 @@ def _fwd(q, k, v, rel_rows, rel_cols, kernel_size, dilation, scale, padding, y=N
 
 def _bwd(q, k, v, rel_rows, rel_cols, y, lse, dy, kernel_size, dilation, scale, padding,
          grads=None, config_dq=None, config_dkdv=None, plan=None):
-    """Launch the backward kernels. Returns dq, dk, dv (contiguous) and d rel_rows, d rel_cols (None
-    without tables). `grads` may hold preallocated contiguous (dq, dk, dv) buffers (the tests
-    poison them)."""
+    """Launch the backward kernels. Returns dq, dk, dv and d rel_rows, d rel_cols (None without
+    tables). dq, dk, dv are new contiguous tensors, or `grads`: preallocated (dq, dk, dv), contiguous
+    or the three views of one (B, H, W, 3, heads, D) gradient (the tests poison them; the
+    autograd Function passes the views of a packed qkv tensor's gradient)."""
     B, H, W, heads, D = q.shape
     if grads is None:  # (three empty_like cost less host time than one allocation unbound)
         grads = tuple(torch.empty_like(q, memory_format=torch.contiguous_format) for _ in range(3))
-    elif not all(g.is_contiguous() for g in grads):
-        raise ValueError("grads must be contiguous (the kernels write them as such)")
+    elif not _grad_layout(grads):
+        raise ValueError("grads must be contiguous, or views of one contiguous (B, H, W, 3, heads, D) tensor "
+                         "(the kernels write them as such)")
     dq, dk, dv = grads
     has_rel = rel_rows is not None
     if q.numel() == 0:
@@ -853,8 +914,12 @@ def _bwd(q, k, v, rel_rows, rel_cols, y, lse, dy, kernel_size, dilation, scale, 
     # Per-program partial gradients of the tables, (programs, k * D) fp32, summed below.
     drel = torch.empty(plan.drel_shape, device=q.device, dtype=torch.float32)
     dq_args, dkdv_args = _bwd_args(plan, q, k, v, rel_rows, rel_cols, y, lse, dy, delta, dq, dk, dv, drel, scale)
-    _launch(plan.dq, dq_args)
-    _launch(plan.dkdv, dkdv_args)  # reads delta
+    if dq.stride(2) == heads * D:
+        _launch(plan.dq, dq_args)
+        _launch(plan.dkdv, dkdv_args)  # reads delta
+    else:  # the parts of one dqkv
+        _launch(plan.dq.with_packed_grads(), dq_args)
+        _launch(plan.dkdv.with_packed_grads(), dkdv_args)
     if not has_rel:
         return dq, dk, dv, None, None
     # (B * heads * tiles, k * D) -> (k * D) or (heads, k * D): a deterministic sum over batch and
@@ -906,8 +971,10 @@ def static_specs(shape=(32, 56, 56, 8, 64), dtype=torch.bfloat16, kernel_size=7,
 # ----------------------------------------------------------------------------------------------
 
 class _LocalAttention(torch.autograd.Function):
+    """The op with autograd. qkv (optional): the tensor whose three parts q, k, v are (they come
+    detached, qkv_parts), which then takes their gradients as one tensor."""
     @staticmethod
-    def forward(ctx, q, k, v, rel_rows, rel_cols, kernel_size, dilation, scale, padding):
+    def forward(ctx, q, k, v, rel_rows, rel_cols, kernel_size, dilation, scale, padding, qkv=None):
         plan = _op_plan(q, k, v, rel_rows, kernel_size, dilation, padding) if q.numel() else None
         if plan is not None and plan.copy_qkv:  # saved as the kernels read them: the backward copies nothing again
             q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
@@ -915,13 +982,24 @@ class _LocalAttention(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, rel_rows, rel_cols, y, lse)
         ctx.args = (kernel_size, dilation, scale, padding)
         ctx.plan = plan  # the backward's launches need no lookup
+        ctx.qkv_layout = None if qkv is None else (qkv.shape, qkv.stride(), q.storage_offset() - qkv.storage_offset())
         return y
 
     @staticmethod
     def backward(ctx, dy):
         q, k, v, rel_rows, rel_cols, y, lse = ctx.saved_tensors
-        grads = _bwd(q, k, v, rel_rows, rel_cols, y, lse, dy, *ctx.args, plan=ctx.plan)
-        return (*grads, None, None, None, None)
+        if ctx.qkv_layout is None:
+            grads = _bwd(q, k, v, rel_rows, rel_cols, y, lse, dy, *ctx.args, plan=ctx.plan)
+            return (*grads, None, None, None, None, None)
+        # q, k, v are the three parts of qkv: their gradients are written into one tensor laid out
+        # as qkv, which is qkv's gradient (no per-view gradients to stack or scatter back).
+        shape, stride, offset = ctx.qkv_layout
+        dqkv = torch.empty_strided(shape, stride, dtype=q.dtype, device=q.device)
+        step = k.storage_offset() - q.storage_offset()
+        grads = tuple(dqkv.as_strided(q.shape, q.stride(), offset + i * step) for i in range(3))
+        _, _, _, drel_rows, drel_cols = _bwd(q, k, v, rel_rows, rel_cols, y, lse, dy, *ctx.args, grads=grads,
+                                             plan=ctx.plan)
+        return None, None, None, drel_rows, drel_cols, None, None, None, None, dqkv
 
 
 @define_op("sasa_triton::local_attention2d_fwd")
@@ -999,6 +1077,11 @@ def local_attention2d(q, k, v, rel_rows=None, rel_cols=None, kernel_size=7, dila
 
     Returns:
         (B, H, W, heads, D) in q's dtype.
+
+    q, k, v that are, in this order, the three parts of one tensor that requires grad, laid out
+    as a contiguous (B, H, W, 3, heads, D) tensor (a channels_last qkv projection viewed and
+    unbound, as SelfAttention2d does), take their gradient as one tensor that autograd hands that
+    projection directly (nothing stacked or copied); see qkv_parts.
     """
     if torch.compiler.is_compiling():  # shapes may be symbolic: hashing them would specialize
         route = _check_and_route(q, k, v, rel_rows, rel_cols, kernel_size, dilation, scale, padding, backend, True)
@@ -1024,6 +1107,10 @@ def local_attention2d(q, k, v, rel_rows=None, rel_cols=None, kernel_size=7, dila
     if not torch.is_grad_enabled() or not (q.requires_grad or k.requires_grad or v.requires_grad or (
             rel_rows is not None and (rel_rows.requires_grad or rel_cols.requires_grad))):
         return _fwd(q, k, v, rel_rows, rel_cols, kernel_size, dilation, scale, padding)[0]  # nothing to save
+    qkv = qkv_parts(q, k, v)
+    if qkv is not None:  # the gradient goes to qkv in one piece
+        return _LocalAttention.apply(q.detach(), k.detach(), v.detach(), rel_rows, rel_cols, kernel_size, dilation,
+                                     scale, padding, qkv)
     return _LocalAttention.apply(q, k, v, rel_rows, rel_cols, kernel_size, dilation, scale, padding)
 
 
