@@ -448,7 +448,8 @@ def test_unbound_qkv_takes_its_gradient_in_one_piece(rel, device):
 
 def test_views_that_do_not_cover_one_packed_tensor_take_gradients_apart(device):
     """The one-piece gradient needs q, k, v to be, in order, the parts of one channels_last
-    projection that requires grad, each requiring grad; otherwise each takes its own."""
+    projection that requires grad, made with grad enabled, none with retain_grad() or a hook;
+    otherwise each takes its own."""
     B, H, W, heads, D = 1, 4, 5, 2, 8
     channels_last = torch.randn(B, 3 * heads * D, H, W).to(device).contiguous(memory_format=torch.channels_last)
     nchw = channels_last.contiguous().requires_grad_(True)
@@ -464,6 +465,12 @@ def test_views_that_do_not_cover_one_packed_tensor_take_gradients_apart(device):
     assert qkv_parts(q, key.detach(), v) is None  # one of them without grad
     with torch.no_grad():
         assert qkv_parts(*split(packed)) is None  # views made without grad
+    q, key, v = split(packed)
+    key.retain_grad()
+    assert qkv_parts(q, key, v) is None  # a part's own gradient asked for
+    q, key, v = split(packed)
+    v.register_hook(lambda grad: grad)
+    assert qkv_parts(q, key, v) is None
     wider = torch.randn(B, 4 * heads * D, H, W).to(device).contiguous(memory_format=torch.channels_last)
     wider.requires_grad_(True)
     assert qkv_parts(*wider.permute(0, 2, 3, 1).unflatten(-1, (4, heads, D)).unbind(3)[:3]) is None  # not all of it

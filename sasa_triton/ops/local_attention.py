@@ -839,12 +839,15 @@ def _grad_layout(grads) -> bool:
 def qkv_parts(q, k, v):
     """The tensor q, k, v are the three parts of, in this order, or None: views of one base
     tensor that requires grad, made with grad enabled, laid out as a contiguous (B, H, W, 3, heads,
-    D) tensor (a channels_last qkv projection viewed and unbound), and covering all of it. Such q, k, v
+    D) tensor (a channels_last qkv projection viewed and unbound), and covering all of it, none of
+    them with retain_grad() or a hook of its own (which would want their gradients apart). Such q, k, v
     take their gradients as one tensor laid out like the base (the op's kernels write into its
     three parts), which autograd hands to the base directly: nothing is stacked or copied."""
     base = q._base
     if (base is None or k._base is not base or v._base is not base or not base.requires_grad
             or q.grad_fn is None or k.grad_fn is None or v.grad_fn is None):  # (views made without grad have none)
+        return None
+    if any(t.retains_grad or t._backward_hooks for t in (q, k, v)):  # their own gradients are asked for
         return None
     B, H, W, heads, D = q.shape
     step, strides, offset = heads * D, q.stride(), q.storage_offset()
