@@ -41,7 +41,7 @@ def _buffers(shape, configs):
     dq_args, dkdv_args = op._bwd_args(plan, q, k, v, rel_rows, rel_cols, y, lse, dy, delta, *outs[:3], outs[3],
                                       1.0)
     plan.dq.launch(dq_args)  # delta, which dk/dv reads
-    return plan, {"local_bwd_dq": (plan.dq, dq_args, (outs[0], outs[3])),
+    return {"local_bwd_dq": (plan.dq, dq_args, (outs[0], outs[3])),
                   "local_bwd_dkdv": (plan.dkdv, dkdv_args, (outs[1], outs[2]))}
 
 
@@ -58,7 +58,7 @@ def main() -> int:
                 steps //= 2
             reference, runs = None, []
             for config in configs:
-                _, kernels = _buffers(shape, {kernel: config})
+                kernels = _buffers(shape, {kernel: config})
                 kernel_plan, args, outputs = kernels[kernel]
                 kernel_plan.launch(args)
                 torch.cuda.synchronize()

@@ -148,3 +148,16 @@ STEM_OPTION_ERRORS = [
     pytest.param(dict(padding="reflect"), ValueError, "padding must be one of", id="padding"),
     pytest.param(dict(backend="cuda"), ValueError, "backend must be one of", id="backend"),
 ]
+
+
+def autograd_graph_nodes(grad_fn) -> set:
+    """Type names of every node of the autograd graph that ends in grad_fn."""
+    names, seen, stack = set(), set(), [grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        stack.extend(next_fn for next_fn, _ in node.next_functions)
+    return names

@@ -21,7 +21,7 @@ from sasa_triton import tuning
 from sasa_triton.ops.local_attention import _bwd, _fwd, _op_plan, qkv_parts
 from sasa_triton.reference import local_attention2d as reference
 
-from helpers import assert_close_to_reference, reference_in_dtype
+from helpers import assert_close_to_reference, autograd_graph_nodes, reference_in_dtype
 
 KERNELS = ("local_fwd", "local_bwd_dq", "local_bwd_dkdv")
 GRADIENTS = ("dq", "dk", "dv", "drel_rows", "drel_cols")
@@ -386,19 +386,6 @@ def test_noncontiguous_and_channels_last_views(device):
         check_results(results, *references(inputs, dy, kernel_size=k), torch.float32, str(memory_format))
 
 
-def _graph_nodes(fn):
-    """Names of every node of the autograd graph that ends in fn."""
-    names, seen, stack = set(), set(), [fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        names.add(type(node).__name__)
-        stack.extend(next_fn for next_fn, _ in node.next_functions)
-    return names
-
-
 @pytest.mark.parametrize("rel", ["shared", None])
 def test_unbound_qkv_takes_its_gradient_in_one_piece(rel, device):
     """q, k, v unbound from one channels_last qkv projection that requires grad: the kernels write
@@ -418,7 +405,7 @@ def test_unbound_qkv_takes_its_gradient_in_one_piece(rel, device):
     assert qkv_parts(q, key, v) is qkv
     tables_packed = [None if t is None else t.clone().requires_grad_(True) for t in tables]
     y = sasa_triton.local_attention2d(q, key, v, *tables_packed, **options)
-    assert "UnbindBackward0" not in _graph_nodes(y.grad_fn)
+    assert "UnbindBackward0" not in autograd_graph_nodes(y.grad_fn)
     y.backward(dy)
     d_packed = qkv.grad.permute(0, 2, 3, 1).unflatten(-1, (3, heads, D)).unbind(3)
 

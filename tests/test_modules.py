@@ -7,7 +7,7 @@ import sasa_triton
 from sasa_triton import SelfAttention2d
 from sasa_triton.reference import local_attention2d as reference
 
-from helpers import assert_close
+from helpers import assert_close, autograd_graph_nodes
 
 
 def manual_layer(layer, x):
@@ -51,14 +51,7 @@ def test_layer_gradient_reaches_the_projection_in_one_piece(device):
     the backward stacks nothing (no UnbindBackward node between the op and the projection)."""
     layer = SelfAttention2d(4, 8, kernel_size=3, heads=2, backend="triton").to(device)
     x = torch.randn(1, 4, 5, 6, device=device).contiguous(memory_format=torch.channels_last)
-    out = layer(x)
-    names, seen, stack = set(), set(), [out.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is not None and node not in seen:
-            seen.add(node)
-            names.add(type(node).__name__)
-            stack.extend(next_fn for next_fn, _ in node.next_functions)
+    names = autograd_graph_nodes(layer(x).grad_fn)
     assert "ConvolutionBackward0" in names and "UnbindBackward0" not in names, names
 
 
