@@ -1,5 +1,6 @@
 """The local-attention kernels compile for sm_90 (H100) without a GPU, at their default configs,
-without register spills, and with tensor-core instructions for half-precision inputs.
+without register spills, and with tensor-core instructions for half-precision inputs (the
+backward kernels also in their variant that writes one dqkv, GRAD_PACK 3).
 
 bf16 at k = 7 (the four ResNet-50 stages) is tests/test_inspect.py's; here fp32 and fp16 at a
 small window. Runs on every Triton the package supports (>= 3.3): the report runs ptxas of the
@@ -28,6 +29,10 @@ for head_dim in (16, 32, 64):
                for kernel in ("local_fwd", "local_bwd_dq", "local_bwd_dkdv")}
     for spec in static_specs(shape=shape, dtype=dtype, kernel_size=kernel_size, configs=configs):
         reports.append(dict(static_report(spec), head_dim=head_dim))
+    # the backward kernels' variant writing one dqkv (SelfAttention2d's backward)
+    for spec in static_specs(shape=shape, dtype=dtype, kernel_size=kernel_size, configs=configs,
+                             packed_grads=True)[1:]:
+        reports.append(dict(static_report(spec), head_dim=head_dim, packed_grads=True))
 print(json.dumps(reports))
 """
 
@@ -54,6 +59,7 @@ def test_kernels_compile_for_sm90_without_spills(dtype, kernel_size):
     version = ".".join(triton.__version__.split(".")[:2])
     reports = compile_reports(dtype, kernel_size)
     assert {r["kernel"] for r in reports} == {"local_fwd", "local_bwd_dq", "local_bwd_dkdv"}
+    assert sum(r.get("packed_grads", False) for r in reports) == 6  # dq, dk/dv at three head dims
     for r in reports:
         where = f"{r['kernel']} D={r['head_dim']} {dtype} k={kernel_size}: {r}"
         assert r["registers"] is not None and r["registers"] <= 255, where

@@ -940,11 +940,13 @@ def _bwd(q, k, v, rel_rows, rel_cols, y, lse, dy, kernel_size, dilation, scale, 
 
 
 def static_specs(shape=(32, 56, 56, 8, 64), dtype=torch.bfloat16, kernel_size=7, dilation=1, padding="zeros",
-                 has_rel=True, configs=None):
+                 has_rel=True, configs=None, packed_grads=False):
     """KernelSpecs of the forward, dq and dk/dv kernels exactly as a launch on contiguous tensors of
     `shape` (B, H, W, heads, D) would compile them (meta tensors: nothing is allocated or run).
 
     configs: optional {"local_fwd": cfg, "local_bwd_dq": cfg, "local_bwd_dkdv": cfg} overrides.
+    packed_grads: the backward kernels' variant that writes the parts of one dqkv (GRAD_PACK 3:
+    what SelfAttention2d's backward runs).
     """
     from .._compile import spec_from_launch
 
@@ -963,8 +965,10 @@ def static_specs(shape=(32, 56, 56, 8, 64), dtype=torch.bfloat16, kernel_size=7,
     return [
         spec_from_launch("local_fwd", _local_attn_fwd_kernel,
                          _fwd_args(plan, q, k, v, rel_rows, rel_cols, y, lse, 1.0), plan.fwd.meta),
-        spec_from_launch("local_bwd_dq", _local_attn_bwd_dq_kernel, dq_args, plan.dq.meta),
-        spec_from_launch("local_bwd_dkdv", _local_attn_bwd_dkdv_kernel, dkdv_args, plan.dkdv.meta),
+        spec_from_launch("local_bwd_dq", _local_attn_bwd_dq_kernel, dq_args,
+                         (plan.dq.with_packed_grads() if packed_grads else plan.dq).meta),
+        spec_from_launch("local_bwd_dkdv", _local_attn_bwd_dkdv_kernel, dkdv_args,
+                         (plan.dkdv.with_packed_grads() if packed_grads else plan.dkdv).meta),
     ]
 
 
