@@ -42,7 +42,7 @@ def _buffers(shape, configs):
                                       1.0)
     plan.dq.launch(dq_args)  # delta, which dk/dv reads
     return {"local_bwd_dq": (plan.dq, dq_args, (outs[0], outs[3])),
-                  "local_bwd_dkdv": (plan.dkdv, dkdv_args, (outs[1], outs[2]))}
+            "local_bwd_dkdv": (plan.dkdv, dkdv_args, (outs[1], outs[2]))}
 
 
 def main() -> int:

@@ -23,6 +23,7 @@ query meets only BLOCK_H taps of it) instead of a dot against all k taps and a g
 """
 from __future__ import annotations
 
+import copy
 import os
 from typing import Optional, Tuple
 
@@ -707,11 +708,11 @@ def heads_per_program(config: dict, heads: int, head_dim: int) -> int:
 class _Plan:
     """What a launch of one kernel needs besides the tensors, fixed per (kernel, shape, options,
     config), and its launcher (which keeps the compiled kernel)."""
-    __slots__ = ("config", "meta", "grid", "programs", "launch", "kernel", "packed")
+    __slots__ = ("config", "meta", "grid", "programs", "launch", "packed")
 
     def __init__(self, kernel, q, kernel_size, dilation, padding, rel_rows, config):
         B, H, W, heads, D = q.shape
-        self.config, self.kernel, self.packed = config, kernel, None
+        self.config, self.packed = config, None
         self.meta = _meta(q, kernel_size, dilation, padding, rel_rows, config)
         groups = B * heads
         if kernel != "local_fwd":
@@ -730,12 +731,9 @@ class _Plan:
         """This backward kernel's plan writing its gradients into the parts of a (B, H, W, 3,
         heads, D) dqkv tensor (GRAD_PACK 3; made once)."""
         if self.packed is None:
-            packed = object.__new__(_Plan)
-            packed.config, packed.kernel, packed.packed = self.config, self.kernel, None
-            packed.grid, packed.programs = self.grid, self.programs
-            packed.meta = {**self.meta, "GRAD_PACK": 3}
-            packed.launch = KernelLaunch(_KERNEL_FNS[self.kernel], self.grid, packed.meta)
-            self.packed = packed
+            self.packed = copy.copy(self)
+            self.packed.meta = {**self.meta, "GRAD_PACK": 3}
+            self.packed.launch = KernelLaunch(self.launch.kernel, self.grid, self.packed.meta)
         return self.packed
 
 
@@ -917,12 +915,11 @@ def _bwd(q, k, v, rel_rows, rel_cols, y, lse, dy, kernel_size, dilation, scale, 
     # Per-program partial gradients of the tables, (programs, k * D) fp32, summed below.
     drel = torch.empty(plan.drel_shape, device=q.device, dtype=torch.float32)
     dq_args, dkdv_args = _bwd_args(plan, q, k, v, rel_rows, rel_cols, y, lse, dy, delta, dq, dk, dv, drel, scale)
-    if dq.stride(2) == heads * D:
-        _launch(plan.dq, dq_args)
-        _launch(plan.dkdv, dkdv_args)  # reads delta
-    else:  # the parts of one dqkv
-        _launch(plan.dq.with_packed_grads(), dq_args)
-        _launch(plan.dkdv.with_packed_grads(), dkdv_args)
+    dq_plan, dkdv_plan = plan.dq, plan.dkdv
+    if dq.stride(2) != heads * D:  # the parts of one dqkv
+        dq_plan, dkdv_plan = dq_plan.with_packed_grads(), dkdv_plan.with_packed_grads()
+    _launch(dq_plan, dq_args)
+    _launch(dkdv_plan, dkdv_args)  # reads delta
     if not has_rel:
         return dq, dk, dv, None, None
     # (B * heads * tiles, k * D) -> (k * D) or (heads, k * D): a deterministic sum over batch and
@@ -989,7 +986,7 @@ class _LocalAttention(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, rel_rows, rel_cols, y, lse)
         ctx.args = (kernel_size, dilation, scale, padding)
         ctx.plan = plan  # the backward's launches need no lookup
-        ctx.qkv_layout = None if qkv is None else (qkv.shape, qkv.stride(), q.storage_offset() - qkv.storage_offset())
+        ctx.qkv_layout = None if qkv is None else (qkv.shape, qkv.stride())  # q starts where qkv does
         return y
 
     @staticmethod
@@ -1000,10 +997,9 @@ class _LocalAttention(torch.autograd.Function):
             return (*grads, None, None, None, None, None)
         # q, k, v are the three parts of qkv: their gradients are written into one tensor laid out
         # as qkv, which is qkv's gradient (no per-view gradients to stack or scatter back).
-        shape, stride, offset = ctx.qkv_layout
-        dqkv = torch.empty_strided(shape, stride, dtype=q.dtype, device=q.device)
+        dqkv = torch.empty_strided(*ctx.qkv_layout, dtype=q.dtype, device=q.device)
         step = k.storage_offset() - q.storage_offset()
-        grads = tuple(dqkv.as_strided(q.shape, q.stride(), offset + i * step) for i in range(3))
+        grads = tuple(dqkv.as_strided(q.shape, q.stride(), i * step) for i in range(3))
         _, _, _, drel_rows, drel_cols = _bwd(q, k, v, rel_rows, rel_cols, y, lse, dy, *ctx.args, grads=grads,
                                              plan=ctx.plan)
         return None, None, None, drel_rows, drel_cols, None, None, None, None, dqkv
