@@ -49,7 +49,9 @@ def _time_rounds(jobs: dict, repeats: int = 40, clock=time.process_time, sync=la
 
 def measure(shape=(1, 7, 7, 8, 64), kernel_size=7, calls=2000, device="cpu", stub=True,
             dtype_name="float32") -> dict:
-    """Microseconds per call of local_attention2d forward (no grad) and forward + backward."""
+    """Microseconds per call of local_attention2d forward (no grad) and forward + backward, of
+    PyTorch's floor for such a call, of the SelfAttention2d layer of that shape and of its 1x1
+    projection alone."""
     import torch
 
     import sasa_triton
@@ -102,9 +104,38 @@ def measure(shape=(1, 7, 7, 8, 64), kernel_size=7, calls=2000, device="cpu", stu
         def floor_forward_backward():
             torch.autograd.grad(Floor.apply(*leaves), leaves, dy)
 
-        best = _time_rounds({"fwd_us": (forward, calls), "fwd_bwd_us": (forward_backward, max(1, calls // 4)),
-                             "floor_fwd_us": (floor_forward, calls),
-                             "floor_fwd_bwd_us": (floor_forward_backward, max(1, calls // 4))},
+        # The layer (SelfAttention2d on channels_last input, as the models run it) and the part of
+        # it that is not this package's: its 1x1 qkv projection alone. Stubbed, at most 64 channels
+        # (D 8): at 512 the CPU's own convolution takes a millisecond and drowns the Python.
+        C = heads * D if not stub else heads * min(D, 8)
+        layer = sasa_triton.SelfAttention2d(C, C, kernel_size, heads=heads, backend="triton")
+        layer = layer.to(device=device, dtype=dtype)
+        x = torch.randn(B, C, H, W, generator=gen).to(device=device, dtype=dtype)
+        x = x.contiguous(memory_format=torch.channels_last).requires_grad_(True)
+        layer_leaves = [x, *layer.parameters()]
+        layer_dy = torch.randn(B, C, H, W, generator=gen).to(device=device, dtype=dtype)
+        proj_dy = torch.randn(B, 3 * C, H, W, generator=gen).to(device=device, dtype=dtype)
+        layer_dy, proj_dy = (t.contiguous(memory_format=torch.channels_last) for t in (layer_dy, proj_dy))
+
+        def layer_forward():
+            with torch.no_grad():
+                layer(x)
+
+        def layer_forward_backward():
+            torch.autograd.grad(layer(x), layer_leaves, layer_dy)
+
+        def proj_forward():
+            with torch.no_grad():
+                layer.qkv(x)
+
+        def proj_forward_backward():
+            torch.autograd.grad(layer.qkv(x), (x, layer.qkv.weight), proj_dy)
+
+        rounds = max(1, calls // 4)
+        best = _time_rounds({"fwd_us": (forward, calls), "fwd_bwd_us": (forward_backward, rounds),
+                             "floor_fwd_us": (floor_forward, calls), "floor_fwd_bwd_us": (floor_forward_backward, rounds),
+                             "layer_fwd_us": (layer_forward, calls), "layer_fwd_bwd_us": (layer_forward_backward, rounds),
+                             "proj_fwd_us": (proj_forward, calls), "proj_fwd_bwd_us": (proj_forward_backward, rounds)},
                             clock=time.perf_counter if device == "cuda" else time.process_time,
                             sync=torch.cuda.synchronize if device == "cuda" else (lambda: None))
     finally:
@@ -112,7 +143,7 @@ def measure(shape=(1, 7, 7, 8, 64), kernel_size=7, calls=2000, device="cpu", stu
         torch.set_num_threads(threads)
     if stub:
         assert launched, "no kernel launch reached the stub: the benchmark timed the wrong path"
-    return {"shape": list(shape), "kernel_size": kernel_size, "device": device, "stubbed": stub,
+    return {"shape": list(shape), "kernel_size": kernel_size, "device": device, "stubbed": stub, "layer_channels": C,
             **{name: round(us, 2) for name, us in best.items()}}
 
 
@@ -142,6 +173,11 @@ def main(argv=None, prog=None) -> int:
           f"autograd.Function that only allocates the outputs): forward {result['floor_fwd_us']:.1f} us, "
           f"forward+backward {result['floor_fwd_bwd_us']:.1f} us; the op's own share over that floor: forward+backward "
           f"{result['fwd_bwd_us'] - result['floor_fwd_bwd_us']:.1f} us")
+    B, H, W, heads, _ = result["shape"]
+    print(f"SelfAttention2d({result['layer_channels']}, {result['layer_channels']}, heads={heads}) on a channels_last "
+          f"{B} x {result['layer_channels']} x {H} x {W} x: forward "
+          f"{result['layer_fwd_us']:.1f} us, forward+backward {result['layer_fwd_bwd_us']:.1f} us; its 1x1 qkv projection "
+          f"alone: forward {result['proj_fwd_us']:.1f} us, forward+backward {result['proj_fwd_bwd_us']:.1f} us")
     return 0
 
 

@@ -124,7 +124,7 @@ class SelfAttention2d(nn.Module):
                               dilation=self.dilation, scale=self.scale, padding=self.padding,
                               backend=self.backend)
         y = y.reshape(B, H, W, self.out_channels).permute(0, 3, 1, 2)  # channels_last NCHW view
-        return self.pool(y)
+        return y if self.stride == 1 else self.pool(y)  # (nn.Identity's call costs a few us)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "

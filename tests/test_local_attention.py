@@ -463,6 +463,22 @@ def test_views_that_do_not_cover_one_packed_tensor_take_gradients_apart(device):
     assert qkv_parts(*wider.permute(0, 2, 3, 1).unflatten(-1, (4, heads, D)).unbind(3)[:3]) is None  # not all of it
 
 
+def test_functorch_wrappers_take_autograds_python_apply(device):
+    """The op calls autograd's own apply directly unless functorch is involved: a dead functorch
+    wrapper (a tensor leaked out of a transform) is still unwrapped and computed on, and under a
+    transform the op still refuses with PyTorch's own message (its Function has no setup_context)."""
+    leaked = []
+    torch.func.grad(lambda t: leaked.append(t) or t.sum())(torch.randn(1, 4, 4, 2, 8).to(device))
+    dead = leaked[0]
+    assert torch._C._functorch.is_functorch_wrapped_tensor(dead)
+    q, key = (torch.randn(1, 4, 4, 2, 8).to(device).requires_grad_(True) for _ in range(2))
+    options = dict(kernel_size=3, backend="triton")
+    y = sasa_triton.local_attention2d(dead, key, key, **options)
+    assert torch.equal(y, sasa_triton.local_attention2d(torch._C._functorch.unwrap_if_dead(dead), key, key, **options))
+    with pytest.raises(RuntimeError, match="setup_context"):
+        torch.func.grad(lambda t: sasa_triton.local_attention2d(t, key, key, **options).sum())(q.detach())
+
+
 @pytest.mark.parametrize("D", [8, 7])
 def test_shared_table_gradients_reach_their_parameters_uncopied(D, device):
     """The backward sums the tiles' partial table gradients into one buffer that holds the

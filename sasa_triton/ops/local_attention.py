@@ -928,9 +928,9 @@ def _bwd(q, k, v, rel_rows, rel_cols, y, lse, dy, kernel_size, dilation, scale, 
         total = drel.sum(0)
     else:
         total = drel.view(B, heads, -1, kernel_size * D).sum(dim=(0, 2))
-    rows_size = kernel_size * (D // 2)
-    drel_rows = total[..., :rows_size].unflatten(-1, (kernel_size, D // 2))
-    drel_cols = total[..., rows_size:].unflatten(-1, (kernel_size, D - D // 2))
+    rows_size, lead = kernel_size * (D // 2), total.shape[:-1]  # (a view: unflatten's host time is 1.6x)
+    drel_rows = total[..., :rows_size].view(*lead, kernel_size, D // 2)
+    drel_cols = total[..., rows_size:].view(*lead, kernel_size, D - D // 2)
     if rel_rows.dtype != torch.float32:
         drel_rows, drel_cols = drel_rows.to(rel_rows.dtype), drel_cols.to(rel_cols.dtype)
     return dq, dk, dv, drel_rows, drel_cols
@@ -1003,6 +1003,22 @@ class _LocalAttention(torch.autograd.Function):
         _, _, _, drel_rows, drel_cols = _bwd(q, k, v, rel_rows, rel_cols, y, lse, dy, *ctx.args, grads=grads,
                                              plan=ctx.plan)
         return None, None, None, drel_rows, drel_cols, None, None, None, None, dqkv
+
+
+_FUNCTION_APPLY = super(torch.autograd.Function, _LocalAttention).apply  # autograd's own (C++) apply
+_is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+
+
+def _apply(q, k, v, rel_rows, rel_cols, *options):
+    """_LocalAttention.apply(...) without the Python around autograd's own apply where that Python
+    does nothing: no functorch transform active and no functorch wrapper among the tensors (it
+    would unwrap a dead one). The eager op call's forward then costs about 10 us less on a 2-core
+    CPU (bench/RESULTS.md, 2026-11-30)."""
+    if (torch._C._are_functorch_transforms_active() or _is_functorch_wrapped(q) or _is_functorch_wrapped(k)
+            or _is_functorch_wrapped(v) or rel_rows is not None and (
+                _is_functorch_wrapped(rel_rows) or _is_functorch_wrapped(rel_cols))):
+        return _LocalAttention.apply(q, k, v, rel_rows, rel_cols, *options)
+    return _FUNCTION_APPLY(q, k, v, rel_rows, rel_cols, *options)
 
 
 @define_op("sasa_triton::local_attention2d_fwd")
@@ -1112,9 +1128,9 @@ def local_attention2d(q, k, v, rel_rows=None, rel_cols=None, kernel_size=7, dila
         return _fwd(q, k, v, rel_rows, rel_cols, kernel_size, dilation, scale, padding)[0]  # nothing to save
     qkv = qkv_parts(q, k, v)
     if qkv is not None:  # the gradient goes to qkv in one piece
-        return _LocalAttention.apply(q.detach(), k.detach(), v.detach(), rel_rows, rel_cols, kernel_size, dilation,
-                                     scale, padding, qkv)
-    return _LocalAttention.apply(q, k, v, rel_rows, rel_cols, kernel_size, dilation, scale, padding)
+        return _apply(q.detach(), k.detach(), v.detach(), rel_rows, rel_cols, kernel_size, dilation, scale, padding,
+                      qkv)
+    return _apply(q, k, v, rel_rows, rel_cols, kernel_size, dilation, scale, padding)
 
 
 def _check_and_route(q, k, v, rel_rows, rel_cols, kernel_size, dilation, scale, padding, backend, compiling):
