@@ -928,9 +928,10 @@ def _bwd(q, k, v, rel_rows, rel_cols, y, lse, dy, kernel_size, dilation, scale, 
         total = drel.sum(0)
     else:
         total = drel.view(B, heads, -1, kernel_size * D).sum(dim=(0, 2))
-    rows_size, lead = kernel_size * (D // 2), total.shape[:-1]  # (a view: unflatten's host time is 1.6x)
-    drel_rows = total[..., :rows_size].view(*lead, kernel_size, D // 2)
-    drel_cols = total[..., rows_size:].view(*lead, kernel_size, D - D // 2)
+    # (the sum split and viewed: 8.5 us of host time on a 2-core CPU, sliced and unflattened 13)
+    lead = total.shape[:-1]
+    drel_rows, drel_cols = total.split_with_sizes((kernel_size * (D // 2), kernel_size * (D - D // 2)), dim=-1)
+    drel_rows, drel_cols = drel_rows.view(*lead, kernel_size, D // 2), drel_cols.view(*lead, kernel_size, D - D // 2)
     if rel_rows.dtype != torch.float32:
         drel_rows, drel_cols = drel_rows.to(rel_rows.dtype), drel_cols.to(rel_cols.dtype)
     return dq, dk, dv, drel_rows, drel_cols
