@@ -3,14 +3,16 @@
     python bench/gpu_step_sizes.py            # bf16, k 7, batch 32, the 56x56x64 and 28x28x128 stages
 
 Why: on an H200 (Triton 3.6, 2026-11-29) the 56x56 backward kernels ran at 12 % achieved
-occupancy, neither memory- nor issue-bound (dq: 253 registers, memory 53 %, SM 34 %), and the
-tuner's space only tries the default step and twice it. Statically (sm_90, Triton 3.6) dq at half
-its default step needs 163 registers instead of 253 for 19 % more instructions, dk/dv at half
-step 189 instead of 224 (bench/RESULTS.md). Whether the occupancy pays for the instructions is
-this probe's question: each kernel alone (the other one's outputs prepared), `do_bench` medians
-of the default config and of 1/2 and 1/4 of its STEP_ROWS (down to one row), three alternating
-rounds, and each smaller step's outputs against the default's (max abs difference, relative to
-the default's max abs value). Prints one line per (stage, kernel, config).
+occupancy, neither memory- nor issue-bound (dq: 253 registers, memory 53 %, SM 34 %). Since
+2026-11-30 dq's default at these stages takes the whole haloed strip in one step (sm_90, Triton
+3.6: 190 registers and 8 % fewer instructions than the previous default, STEP_ROWS 4 with two
+pipeline stages, which is this probe's half step); dk/dv at half its step needs 189 registers
+instead of 224 (bench/RESULTS.md). Whether occupancy pays for instructions is this probe's
+question: each kernel alone (the other one's outputs prepared), `do_bench` medians of the
+default config and of 1/2 and 1/4 of its STEP_ROWS (down to one row; two pipeline stages where a
+step is less than the strip), three alternating rounds, and each smaller step's outputs against
+the default's (max abs difference, relative to the default's max abs value). Prints one line per
+(stage, kernel, config).
 """
 import os
 import sys
@@ -53,8 +55,10 @@ def main() -> int:
         for kernel in ("local_bwd_dq", "local_bwd_dkdv"):
             default = tuning.default_config(kernel, KSIZE, 1, D, torch.bfloat16)
             steps, configs = default["STEP_ROWS"], []
+            halo_rows = default["BLOCK_H"] + 2 * (KSIZE // 2)
             while steps >= 1 and len(configs) < 3:
-                configs.append({**default, "STEP_ROWS": steps})
+                stages = default["num_stages"] if steps >= halo_rows else 2  # as default_config would
+                configs.append({**default, "STEP_ROWS": steps, "num_stages": stages})
                 steps //= 2
             reference, runs = None, []
             for config in configs:
