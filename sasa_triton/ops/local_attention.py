@@ -1029,7 +1029,7 @@ _is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 def _apply(q, k, v, rel_rows, rel_cols, *options):
     """_LocalAttention.apply(...) without the Python around autograd's own apply where that Python
     does nothing: no functorch transform active and no functorch wrapper among the tensors (it
-    would unwrap a dead one). The eager op call's forward then costs about 10 us less on a 2-core
+    would unwrap a dead one). The eager op call's forward then costs 8 us less on a 2-core
     CPU (bench/RESULTS.md, 2026-11-30)."""
     if (torch._C._are_functorch_transforms_active() or _is_functorch_wrapped(q) or _is_functorch_wrapped(k)
             or _is_functorch_wrapped(v) or rel_rows is not None and (
