@@ -142,6 +142,7 @@ DEFAULT_CONFIG_CASES = [
     case(1, 10, 9, 1, 8, 3, 1, "zeros", "shared", torch.float32),
     case(1, 9, 6, 2, 16, 3, 2, "mask", "per_head", torch.float16),
     case(1, 9, 9, 1, 64, 7, 1, "zeros", None, torch.float16),
+    case(1, 6, 11, 2, 32, 7, 1, "mask", "per_head", torch.float16),  # dq: the whole 8 x 16 strip at D 32
     case(1, 5, 17, 1, 8, 7, 2, "zeros", "shared", torch.float16),
     case(1, 5, 17, 1, 16, 11, 1, "mask", "shared", torch.float32),
     case(1, 5, 17, 1, 8, 15, 1, "mask", "shared", torch.float16),
