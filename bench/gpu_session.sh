@@ -19,8 +19,9 @@
 #   device thread and on the calling thread, and eager
 #   training steps either way), then the README's main command from an empty Triton cache (its
 #   cold-cache time; its training rows also run with the backward on the calling thread).
-# tune (~7 min): the backward kernels at 1/2 and 1/4 of their default steps (bench/gpu_step_sizes.py:
-#   fewer registers, more occupancy, more instructions: which wins), every candidate of the stem
+# tune (~7 min): the backward kernels at 1/2 and 1/4 of their default steps (bench/gpu_step_sizes.py,
+#   dq's half step being its previous default: fewer registers, more occupancy, more
+#   instructions: which wins), every candidate of the stem
 #   kernels at the stem shape against the default (bench/sweep_candidates.py), then the tuner
 #   over the default keys into $OUT/tuned.json (written key by key, so a time-boxed run keeps
 #   what it finished).
@@ -92,7 +93,7 @@ fi
 
 if [[ "$what" == tune ]]; then
   stamp "backward kernels at smaller steps (occupancy against instructions)"
-  timeout 60 python bench/gpu_step_sizes.py >"$OUT/steps.log" 2>&1
+  timeout 90 python bench/gpu_step_sizes.py >"$OUT/steps.log" 2>&1
   stamp "steps rc=$?"; cat "$OUT/steps.log"
   stamp "stem candidates at the stem shape"
   timeout 170 python bench/sweep_candidates.py --out "$OUT/sweep" --kernels spatial_block_fwd \

@@ -1,6 +1,6 @@
 """Time the backward kernels at smaller steps than their defaults (a GPU probe for issue 12).
 
-    python bench/gpu_step_sizes.py            # bf16, k 7, batch 32, the 56x56x64 and 28x28x128 stages
+    python bench/gpu_step_sizes.py            # bf16, k 7, batch 32, the 56x56x64, 28x28x128 and 14x14x256 stages
 
 Why: on an H200 (Triton 3.6, 2026-11-29) the 56x56 backward kernels ran at 12 % achieved
 occupancy, neither memory- nor issue-bound (dq: 253 registers, memory 53 %, SM 34 %). Since
@@ -26,7 +26,7 @@ import triton  # noqa: E402
 from sasa_triton import tuning  # noqa: E402
 from sasa_triton.ops import local_attention as op  # noqa: E402
 
-STAGES = [(32, 56, 56, 8, 8), (32, 28, 28, 8, 16)]
+STAGES = [(32, 56, 56, 8, 8), (32, 28, 28, 8, 16), (32, 14, 14, 8, 32)]
 KSIZE = 7
 
 

@@ -593,13 +593,17 @@ STEP_PIXELS = {
     "local_bwd_dq": {16: 64, 32: 32, 64: 16, 128: 16},
     "local_bwd_dkdv": {16: 32, 32: 16, 64: 16, 128: 16},
 }
-# dq takes its whole haloed strip in one step where that strip (rows padded to a power of two) is
-# at most this many pixels, per BLOCK_D (16-bit inputs; fp32 at BLOCK_D 16 only): k = 3-7
-# undilated. sm_90, against the steps above (bench/RESULTS.md, 2026-11-30), bf16 k = 7 D 8:
-# 112.1 -> 102.9 warp-instructions per (pixel, head) on Triton 3.9, 109.8 -> 100.7 on 3.6, 133.9
-# -> 122.5 on 3.3, with fewer registers; D 32: 159.6 -> 131.8, 151.8 -> 128.1, 180.9 -> 157.1;
-# fp32 D 8 844 -> 741 (3.9). Wider windows spill that way, and so would fp32 at D 32.
-DQ_WHOLE_STRIP_PIXELS = {16: 128, 32: 128}
+# The forward and dq take their whole haloed strip in one step where that strip (rows padded to
+# a power of two) is at most this many pixels, per BLOCK_D, for 16-bit inputs and for fp32: k =
+# 3-7 undilated. sm_90 warp-instructions per (pixel, head) against the steps above (bench/
+# RESULTS.md, 2026-11-30), k = 7: dq bf16 D 8 112.1 -> 102.9 on Triton 3.9, 109.8 -> 100.7 on
+# 3.6, 133.9 -> 122.5 on 3.3; dq bf16 D 32 159.6 -> 131.8, 151.8 -> 128.1, 180.9 -> 157.1; the
+# forward bf16 D 32 108.9 -> 97.7, 108.8 -> 97.8, 120.4 -> 110.2; fewer registers or about as
+# many. Wider windows spill that way, and so would dq in fp32 at D 32.
+WHOLE_STRIP_PIXELS = {
+    "local_fwd": ({16: 128, 32: 128}, {16: 128, 32: 128}),
+    "local_bwd_dq": ({16: 128, 32: 128}, {16: 128}),
+}
 
 
 def default_config(kernel: str, kernel_size: int, dilation: int, head_dim: int, dtype: torch.dtype) -> dict:
@@ -608,9 +612,9 @@ def default_config(kernel: str, kernel_size: int, dilation: int, head_dim: int, 
 
     A 2 x 8 query (or key) tile is one tensor-core row block of 16 pixels: one warp (dk/dv at
     D <= 16 in 16 bits: 4 x 8, two row blocks, measured faster). A step walks
-    STEP_ROWS haloed rows, as many as STEP_PIXELS allows (at k = 7 and D <= 16 the forward takes
-    the whole 8 x 16 strip in one step, and so does dq at D <= 32: DQ_WHOLE_STRIP_PIXELS). Several
-    steps pipeline their loads (num_stages 2).
+    STEP_ROWS haloed rows, as many as STEP_PIXELS allows (at k <= 7 and D <= 32 the forward and
+    dq take the whole 8 x 16 strip in one step: WHOLE_STRIP_PIXELS). Several steps pipeline their
+    loads (num_stages 2).
     """
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
@@ -624,9 +628,8 @@ def default_config(kernel: str, kernel_size: int, dilation: int, head_dim: int, 
     halo_rows = block_h + 2 * dilation * (kernel_size // 2)
     pixels = STEP_PIXELS[kernel][min(block_d, 128)]
     strip = tuning.next_power_of_2(halo_rows) * halo_w
-    if (kernel == "local_bwd_dq" and strip <= DQ_WHOLE_STRIP_PIXELS.get(block_d, 0)
-            and (dtype != torch.float32 or block_d == 16)):
-        pixels = strip
+    if strip <= WHOLE_STRIP_PIXELS.get(kernel, ({}, {}))[dtype == torch.float32].get(block_d, 0):
+        pixels = max(pixels, strip)
     step_rows = max(1, min(pixels // halo_w, tuning.next_power_of_2(halo_rows)))
     step_rows = max(step_rows, 16 // halo_w)  # a step's dot needs at least 16 strip pixels
     # fp32 inputs run their dots on the FMA units (ieee), operands in registers: more warps (the
@@ -644,8 +647,8 @@ def default_config(kernel: str, kernel_size: int, dilation: int, head_dim: int, 
 def config_space(kernel, kernel_size, dilation, head_dim, dtype, height_bucket, width_bucket):
     """The autotuner's candidates, the default among them (about 10-20 per key, so tuning a key
     takes seconds): tiles of 16-32 pixels (2 x 8, 4 x 8, 2 x 16; no wider than the image needs),
-    steps of the default's strip pixels and twice that (half of it and that where dq's default
-    takes the whole strip in one step), 1-2 warps for 16-bit inputs (4-8 for fp32's FMA dots), 1-2
+    steps of the default's strip pixels and twice that (half of it and that where the default
+    takes a whole strip by WHOLE_STRIP_PIXELS), 1-2 warps for 16-bit inputs (4-8 for fp32's FMA dots), 1-2
     pipeline stages where a 16-bit kernel takes several steps.
 
     The forward at D <= BLOCK_D / 2 in 16 bits (D = 8: ResNet-50's first stage) also tries its
@@ -670,8 +673,8 @@ def config_space(kernel, kernel_size, dilation, head_dim, dtype, height_bucket, 
         halo_rows = block_h + 2 * radius
         default_pixels = default["STEP_ROWS"] * halo_width(default["BLOCK_W"], kernel_size, dilation)
         options = (default_pixels, default_pixels * 2)
-        if kernel == "local_bwd_dq" and default["STEP_ROWS"] >= default["BLOCK_H"] + 2 * radius:
-            options = (default_pixels // 2, default_pixels)  # dq's whole strip, and half of it
+        if default_pixels > STEP_PIXELS[kernel][min(channel_tile(head_dim), 128)]:
+            options = (default_pixels // 2, default_pixels)  # a whole strip (WHOLE_STRIP_PIXELS), and half
         for pixels in options:
             step_rows = min(max(1, pixels // halo_w), tuning.next_power_of_2(halo_rows))
             if step_rows * halo_w < 16:
