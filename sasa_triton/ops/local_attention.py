@@ -594,8 +594,8 @@ STEP_PIXELS = {
     "local_bwd_dkdv": {16: 32, 32: 16, 64: 16, 128: 16},
 }
 # The forward and dq take their whole haloed strip in one step where that strip (rows padded to
-# a power of two) is at most this many pixels, per BLOCK_D, for 16-bit inputs and for fp32: k =
-# 3-7 undilated. sm_90 warp-instructions per (pixel, head) against the steps above (bench/
+# a power of two) is at most this many pixels: ({BLOCK_D: pixels} for 16-bit inputs, for fp32);
+# k = 3-7 undilated. sm_90 warp-instructions per (pixel, head) against the steps above (bench/
 # RESULTS.md, 2026-11-30), k = 7: dq bf16 D 8 112.1 -> 102.9 on Triton 3.9, 109.8 -> 100.7 on
 # 3.6, 133.9 -> 122.5 on 3.3; dq bf16 D 32 159.6 -> 131.8, 151.8 -> 128.1, 180.9 -> 157.1; the
 # forward bf16 D 32 108.9 -> 97.7, 108.8 -> 97.8, 120.4 -> 110.2; fewer registers or about as
