@@ -611,7 +611,7 @@ def default_config(kernel: str, kernel_size: int, dilation: int, head_dim: int, 
     interpreter, so CI runs what the GPU runs).
 
     A 2 x 8 query (or key) tile is one tensor-core row block of 16 pixels: one warp (dk/dv at
-    D <= 16 in 16 bits: 4 x 8, two row blocks, measured faster). A step walks
+    D <= 16 in 16 bits, and at D 32 for k <= 7: 4 x 8, two row blocks, measured faster). A step walks
     STEP_ROWS haloed rows, as many as STEP_PIXELS allows (at k <= 7 and D <= 32 the forward and
     dq take the whole 8 x 16 strip in one step: WHOLE_STRIP_PIXELS). Several steps pipeline their
     loads (num_stages 2).
@@ -621,8 +621,12 @@ def default_config(kernel: str, kernel_size: int, dilation: int, head_dim: int, 
     block_d = channel_tile(head_dim)
     # dk/dv at D <= 16 (16-bit): a 4 x 8 key tile (two row blocks) shares each query strip between
     # 32 keys; on an H200 (Triton 3.6, 2026-11-29, k = 7, B 32) the backward took 0.534 ms instead
-    # of 0.649 at 56x56x64 and 0.222 instead of 0.234 at 28x28x128.
-    wide = kernel == "local_bwd_dkdv" and block_d == 16 and dtype != torch.float32
+    # of 0.649 at 56x56x64 and 0.222 instead of 0.234 at 28x28x128. At D 32 for k <= 7 undilated
+    # too (static, sm_90, bf16, k = 7, 2026-11-30: 215.8 -> 159.4 warp-instructions per (pixel,
+    # head) on Triton 3.9, 272.3 -> 203.2 on 3.6, 307.4 -> 216.7 on 3.3, no spill; wider windows
+    # spill that way, and so does D 64).
+    wide = kernel == "local_bwd_dkdv" and dtype != torch.float32 and (
+        block_d == 16 or block_d == 32 and dilation * (kernel_size // 2) <= 3)
     block_h, block_w = (4 if wide else 2), 8
     halo_w = halo_width(block_w, kernel_size, dilation)
     halo_rows = block_h + 2 * dilation * (kernel_size // 2)
