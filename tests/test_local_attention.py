@@ -387,6 +387,11 @@ def test_noncontiguous_and_channels_last_views(device):
         check_results(results, *references(inputs, dy, kernel_size=k), torch.float32, str(memory_format))
 
 
+def split_projection(t, heads):
+    """q, k, v as the views of a (B, 3 * heads * D, H, W) projection, (B, H, W, heads, D) each."""
+    return t.permute(0, 2, 3, 1).unflatten(-1, (3, heads, t.shape[1] // (3 * heads))).unbind(3)
+
+
 @pytest.mark.parametrize("rel", ["shared", None])
 def test_unbound_qkv_takes_its_gradient_in_one_piece(rel, device):
     """q, k, v unbound from one channels_last qkv projection that requires grad: the kernels write
@@ -402,15 +407,15 @@ def test_unbound_qkv_takes_its_gradient_in_one_piece(rel, device):
     options = dict(kernel_size=k, padding="mask", backend="triton")
 
     qkv = proj.clone().requires_grad_(True)
-    q, key, v = qkv.permute(0, 2, 3, 1).unflatten(-1, (3, heads, D)).unbind(3)
+    q, key, v = split_projection(qkv, heads)
     assert qkv_parts(q, key, v) is qkv
     tables_packed = [None if t is None else t.clone().requires_grad_(True) for t in tables]
     y = sasa_triton.local_attention2d(q, key, v, *tables_packed, **options)
     assert "UnbindBackward0" not in autograd_graph_nodes(y.grad_fn)
     y.backward(dy)
-    d_packed = qkv.grad.permute(0, 2, 3, 1).unflatten(-1, (3, heads, D)).unbind(3)
+    d_packed = split_projection(qkv.grad, heads)
 
-    leaves = [t.detach().requires_grad_(True) for t in proj.permute(0, 2, 3, 1).unflatten(-1, (3, heads, D)).unbind(3)]
+    leaves = [t.detach().requires_grad_(True) for t in split_projection(proj, heads)]
     assert qkv_parts(*leaves) is None  # separate leaves
     tables_apart = [None if t is None else t.clone().requires_grad_(True) for t in tables]
     y_apart = sasa_triton.local_attention2d(*leaves, *tables_apart, **options)
@@ -429,7 +434,7 @@ def test_unbound_qkv_takes_its_gradient_in_one_piece(rel, device):
     # Every element of the one gradient is written (a NaN-poisoned buffer laid out like qkv).
     y, lse = _fwd(*(t.detach() for t in (q, key, v)), *tables, k, 1, 1.0, "mask")
     poisoned = torch.full_like(proj, float("nan"))
-    grads = poisoned.permute(0, 2, 3, 1).unflatten(-1, (3, heads, D)).unbind(3)
+    grads = split_projection(poisoned, heads)
     _bwd(*(t.detach() for t in (q, key, v)), *tables, y, lse, dy, k, 1, 1.0, "mask", grads=grads)
     assert torch.isfinite(poisoned).all()
 
@@ -442,21 +447,20 @@ def test_views_that_do_not_cover_one_packed_tensor_take_gradients_apart(device):
     channels_last = torch.randn(B, 3 * heads * D, H, W).to(device).contiguous(memory_format=torch.channels_last)
     nchw = channels_last.contiguous().requires_grad_(True)
     packed = channels_last.requires_grad_(True)
-    split = lambda t: t.permute(0, 2, 3, 1).unflatten(-1, (3, heads, D)).unbind(3)  # noqa: E731
-    q, key, v = split(packed)
+    q, key, v = split_projection(packed, heads)
     assert qkv_parts(q, key, v) is packed
     six_d = torch.randn(B, H, W, 3, heads, D).to(device).requires_grad_(True)  # also one piece
     assert qkv_parts(*six_d.unbind(3)) is six_d
     assert qkv_parts(*six_d.transpose(1, 2).unbind(3)) is None  # its parts not laid out as the kernels write
-    assert qkv_parts(*split(nchw)) is None  # NCHW: the kernels read a copy
+    assert qkv_parts(*split_projection(nchw, heads)) is None  # NCHW: the kernels read a copy
     assert qkv_parts(key, q, v) is None  # another order
     assert qkv_parts(q, key.detach(), v) is None  # one of them without grad
     with torch.no_grad():
-        assert qkv_parts(*split(packed)) is None  # views made without grad
-    q, key, v = split(packed)
+        assert qkv_parts(*split_projection(packed, heads)) is None  # views made without grad
+    q, key, v = split_projection(packed, heads)
     key.retain_grad()
     assert qkv_parts(q, key, v) is None  # a part's own gradient asked for
-    q, key, v = split(packed)
+    q, key, v = split_projection(packed, heads)
     v.register_hook(lambda grad: grad)
     assert qkv_parts(q, key, v) is None
     wider = torch.randn(B, 4 * heads * D, H, W).to(device).contiguous(memory_format=torch.channels_last)

@@ -610,9 +610,9 @@ def default_config(kernel: str, kernel_size: int, dilation: int, head_dim: int, 
     """The default launch config of a local-attention kernel (the same on the GPU and under the
     interpreter, so CI runs what the GPU runs).
 
-    A 2 x 8 query (or key) tile is one tensor-core row block of 16 pixels: one warp (dk/dv at
-    D <= 16 in 16 bits, and at D 32 for k <= 7: 4 x 8, two row blocks, measured faster). A step walks
-    STEP_ROWS haloed rows, as many as STEP_PIXELS allows (at k <= 7 and D <= 32 the forward and
+    A 2 x 8 query (or key) tile is one tensor-core row block of 16 pixels: one warp (dk/dv in 16
+    bits: 4 x 8, two row blocks, at D <= 16, measured faster on a card, and at D 32 for k <= 7, by
+    the instruction count). A step walks STEP_ROWS haloed rows, as many as STEP_PIXELS allows (at k <= 7 and D <= 32 the forward and
     dq take the whole 8 x 16 strip in one step: WHOLE_STRIP_PIXELS). Several steps pipeline their
     loads (num_stages 2).
     """
@@ -652,8 +652,8 @@ def config_space(kernel, kernel_size, dilation, head_dim, dtype, height_bucket, 
     """The autotuner's candidates, the default among them (about 10-20 per key, so tuning a key
     takes seconds): tiles of 16-32 pixels (2 x 8, 4 x 8, 2 x 16; no wider than the image needs),
     steps of the default's strip pixels and twice that (half of it and that where the default
-    takes a whole strip by WHOLE_STRIP_PIXELS), 1-2 warps for 16-bit inputs (4-8 for fp32's FMA dots), 1-2
-    pipeline stages where a 16-bit kernel takes several steps.
+    takes a whole strip by WHOLE_STRIP_PIXELS), 1-2 warps for 16-bit inputs (4-8 for fp32's FMA
+    dots), 1-2 pipeline stages where a 16-bit kernel takes several steps.
 
     The forward at D <= BLOCK_D / 2 in 16 bits (D = 8: ResNet-50's first stage) also tries its
     2 x 8 tiles with HEADS_PER_PROGRAM 2 (two heads share one K/V strip load; taken only where
