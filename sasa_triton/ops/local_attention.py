@@ -249,15 +249,20 @@ def _step_logits(q, K, V, strip_origin, strip_offsets, first, stride_h, n_col_in
 
 
 @triton.jit
-def _softmax_step(logits, vt, m_i, l_i, acc, DOT_PRECISION: tl.constexpr):
-    """The forward's online softmax over one step: the running max, sum and p.v accumulator."""
-    BLOCK_Q: tl.constexpr = logits.shape[0]
-    m_new = tl.maximum(m_i, tl.max(tl.max(logits, axis=2), axis=1))
+def _softmax_step(logits, vt, m_i, l_i, acc, DOT_PRECISION: tl.constexpr, ONE_STEP: tl.constexpr):
+    """The forward's online softmax over one step: the running max, sum and p.v accumulator.
+    ONE_STEP: the only step (the whole strip at once), which has nothing to rescale."""
+    # (BLOCK_Q, keys) again, the dot's own layout: each reduction sums a thread's values before
+    # the lanes', where over the step's rows and then its columns every row took its own shuffles.
+    logits = tl.reshape(logits, (logits.shape[0], logits.shape[1] * logits.shape[2]))
+    m_new = tl.maximum(m_i, tl.max(logits, axis=1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a query with no key yet stays at zero
+    if ONE_STEP:
+        p = tl.exp2(logits - m_safe[:, None])
+        return m_new, tl.sum(p, axis=1), tl.dot(p.to(vt.dtype), vt, input_precision=DOT_PRECISION)
     alpha = tl.exp2(m_i - m_safe)
-    p = tl.exp2(logits - m_safe[:, None, None])
-    l_i = l_i * alpha + tl.sum(tl.sum(p, axis=2), axis=1)
-    p = tl.reshape(p, (BLOCK_Q, logits.shape[1] * logits.shape[2]))
+    p = tl.exp2(logits - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
     acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=DOT_PRECISION)
     return m_new, l_i, acc
 
@@ -325,12 +330,12 @@ def _local_attn_fwd_kernel(
         logits = _step_scores(q0, kt, first, row0, q_step_row, q_in, q_in, row_logits0, col_bias0, H, qk_scale,
                               KSIZE, DILATION, HAS_REL, MASK_PADDING, DOT_PRECISION, HALO_ROWS, HALO_W, STEP_ROWS,
                               SELECT_GATHER, SHIFTED=False)
-        m0, l0, acc0 = _softmax_step(logits, vt, m0, l0, acc0, DOT_PRECISION)
+        m0, l0, acc0 = _softmax_step(logits, vt, m0, l0, acc0, DOT_PRECISION, STEP_ROWS >= HALO_ROWS)
         if HPP == 2:
             logits = _step_scores(q1, kt, first, row0, q_step_row, q_in, q_in, row_logits1, col_bias1, H,
                                   qk_scale, KSIZE, DILATION, HAS_REL, MASK_PADDING, DOT_PRECISION, HALO_ROWS,
                                   HALO_W, STEP_ROWS, SELECT_GATHER, SHIFTED=False)
-            m1, l1, acc1 = _softmax_step(logits, vt, m1, l1, acc1, DOT_PRECISION)
+            m1, l1, acc1 = _softmax_step(logits, vt, m1, l1, acc1, DOT_PRECISION, STEP_ROWS >= HALO_ROWS)
 
     l_safe = tl.where(l0 == 0.0, 1.0, l0)
     y = acc0 / l_safe[:, None]
