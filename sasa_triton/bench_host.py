@@ -47,11 +47,10 @@ def _time_rounds(jobs: dict, repeats: int = 40, clock=time.process_time, sync=la
     return best
 
 
-def measure(shape=(1, 7, 7, 8, 64), kernel_size=7, calls=2000, device="cpu", stub=True,
-            dtype_name="float32") -> dict:
-    """Microseconds per call of local_attention2d forward (no grad) and forward + backward, of
-    PyTorch's floor for such a call, of the SelfAttention2d layer of that shape and of its 1x1
-    projection alone."""
+def host_calls(shape=(1, 7, 7, 8, 64), kernel_size=7, device="cpu", stub=True, dtype_name="float32") -> tuple:
+    """({name: fn} of the calls this benchmark times, the layer's channels, the launches the stub
+    saw). With `stub`, every kernel launch is replaced by a no-op (and the CPU runs one thread)
+    until `restore()` (the fourth element) is called."""
     import torch
 
     import sasa_triton
@@ -73,74 +72,90 @@ def measure(shape=(1, 7, 7, 8, 64), kernel_size=7, calls=2000, device="cpu", stu
     if stub:
         op._launch = lambda plan, args: launched.append(plan.grid)
         torch.set_num_threads(1)  # the CPU's thread pool only adds noise to a Python-path timing
+
+    def restore():
+        op._launch = real_launch
+        torch.set_num_threads(threads)
+
+    def forward():
+        with torch.no_grad():
+            sasa_triton.local_attention2d(q, k, v, rel_rows, rel_cols, **kwargs)
+
+    def forward_backward():
+        y = sasa_triton.local_attention2d(*leaves, **kwargs)
+        torch.autograd.grad(y, leaves, dy)
+
+    # PyTorch's own floor for the same call shape: an autograd.Function that validates
+    # nothing, launches nothing and only allocates the op's outputs and gradients.
+    class Floor(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, k, v, rel_rows, rel_cols):
+            y, lse = torch.empty_like(q), q.new_empty(q.shape[:4], dtype=torch.float32)
+            ctx.save_for_backward(q, k, v, rel_rows, rel_cols, y, lse)
+            return y
+
+        @staticmethod
+        def backward(ctx, dy):
+            q, k, v, rel_rows, rel_cols, y, lse = ctx.saved_tensors
+            return (*torch.empty((3, *q.shape), dtype=q.dtype, device=q.device).unbind(0),
+                    torch.empty_like(rel_rows), torch.empty_like(rel_cols))
+
+    def floor_forward():
+        with torch.no_grad():
+            Floor.apply(q, k, v, rel_rows, rel_cols)
+
+    def floor_forward_backward():
+        torch.autograd.grad(Floor.apply(*leaves), leaves, dy)
+
+    # The layer (SelfAttention2d on channels_last input, as the models run it) and the part of
+    # it that is not this package's: its 1x1 qkv projection alone. Stubbed, at most 64 channels
+    # (D 8): at 512 the CPU's own convolution takes a millisecond and drowns the Python.
+    C = heads * D if not stub else heads * min(D, 8)
+    layer = sasa_triton.SelfAttention2d(C, C, kernel_size, heads=heads, backend="triton")
+    layer = layer.to(device=device, dtype=dtype)
+    x = torch.randn(B, C, H, W, generator=gen).to(device=device, dtype=dtype)
+    x = x.contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    layer_leaves = [x, *layer.parameters()]
+    layer_dy = torch.randn(B, C, H, W, generator=gen).to(device=device, dtype=dtype)
+    proj_dy = torch.randn(B, 3 * C, H, W, generator=gen).to(device=device, dtype=dtype)
+    layer_dy, proj_dy = (t.contiguous(memory_format=torch.channels_last) for t in (layer_dy, proj_dy))
+
+    def layer_forward():
+        with torch.no_grad():
+            layer(x)
+
+    def layer_forward_backward():
+        torch.autograd.grad(layer(x), layer_leaves, layer_dy)
+
+    def proj_forward():
+        with torch.no_grad():
+            layer.qkv(x)
+
+    def proj_forward_backward():
+        torch.autograd.grad(layer.qkv(x), (x, layer.qkv.weight), proj_dy)
+
+    fns = {"fwd_us": forward, "fwd_bwd_us": forward_backward, "floor_fwd_us": floor_forward,
+           "floor_fwd_bwd_us": floor_forward_backward, "layer_fwd_us": layer_forward,
+           "layer_fwd_bwd_us": layer_forward_backward, "proj_fwd_us": proj_forward,
+           "proj_fwd_bwd_us": proj_forward_backward}
+    return fns, C, launched, restore
+
+
+def measure(shape=(1, 7, 7, 8, 64), kernel_size=7, calls=2000, device="cpu", stub=True,
+            dtype_name="float32") -> dict:
+    """Microseconds per call of local_attention2d forward (no grad) and forward + backward, of
+    PyTorch's floor for such a call, of the SelfAttention2d layer of that shape and of its 1x1
+    projection alone."""
+    import torch
+
+    fns, C, launched, restore = host_calls(shape, kernel_size, device, stub, dtype_name)
     try:
-        def forward():
-            with torch.no_grad():
-                sasa_triton.local_attention2d(q, k, v, rel_rows, rel_cols, **kwargs)
-
-        def forward_backward():
-            y = sasa_triton.local_attention2d(*leaves, **kwargs)
-            torch.autograd.grad(y, leaves, dy)
-
-        # PyTorch's own floor for the same call shape: an autograd.Function that validates
-        # nothing, launches nothing and only allocates the op's outputs and gradients.
-        class Floor(torch.autograd.Function):
-            @staticmethod
-            def forward(ctx, q, k, v, rel_rows, rel_cols):
-                y, lse = torch.empty_like(q), q.new_empty(q.shape[:4], dtype=torch.float32)
-                ctx.save_for_backward(q, k, v, rel_rows, rel_cols, y, lse)
-                return y
-
-            @staticmethod
-            def backward(ctx, dy):
-                q, k, v, rel_rows, rel_cols, y, lse = ctx.saved_tensors
-                return (*torch.empty((3, *q.shape), dtype=q.dtype, device=q.device).unbind(0),
-                        torch.empty_like(rel_rows), torch.empty_like(rel_cols))
-
-        def floor_forward():
-            with torch.no_grad():
-                Floor.apply(q, k, v, rel_rows, rel_cols)
-
-        def floor_forward_backward():
-            torch.autograd.grad(Floor.apply(*leaves), leaves, dy)
-
-        # The layer (SelfAttention2d on channels_last input, as the models run it) and the part of
-        # it that is not this package's: its 1x1 qkv projection alone. Stubbed, at most 64 channels
-        # (D 8): at 512 the CPU's own convolution takes a millisecond and drowns the Python.
-        C = heads * D if not stub else heads * min(D, 8)
-        layer = sasa_triton.SelfAttention2d(C, C, kernel_size, heads=heads, backend="triton")
-        layer = layer.to(device=device, dtype=dtype)
-        x = torch.randn(B, C, H, W, generator=gen).to(device=device, dtype=dtype)
-        x = x.contiguous(memory_format=torch.channels_last).requires_grad_(True)
-        layer_leaves = [x, *layer.parameters()]
-        layer_dy = torch.randn(B, C, H, W, generator=gen).to(device=device, dtype=dtype)
-        proj_dy = torch.randn(B, 3 * C, H, W, generator=gen).to(device=device, dtype=dtype)
-        layer_dy, proj_dy = (t.contiguous(memory_format=torch.channels_last) for t in (layer_dy, proj_dy))
-
-        def layer_forward():
-            with torch.no_grad():
-                layer(x)
-
-        def layer_forward_backward():
-            torch.autograd.grad(layer(x), layer_leaves, layer_dy)
-
-        def proj_forward():
-            with torch.no_grad():
-                layer.qkv(x)
-
-        def proj_forward_backward():
-            torch.autograd.grad(layer.qkv(x), (x, layer.qkv.weight), proj_dy)
-
-        rounds = max(1, calls // 4)
-        best = _time_rounds({"fwd_us": (forward, calls), "fwd_bwd_us": (forward_backward, rounds),
-                             "floor_fwd_us": (floor_forward, calls), "floor_fwd_bwd_us": (floor_forward_backward, rounds),
-                             "layer_fwd_us": (layer_forward, calls), "layer_fwd_bwd_us": (layer_forward_backward, rounds),
-                             "proj_fwd_us": (proj_forward, calls), "proj_fwd_bwd_us": (proj_forward_backward, rounds)},
+        rounds = max(1, calls // 4)  # the forward + backward calls take about four times as long
+        best = _time_rounds({name: (fn, rounds if "bwd" in name else calls) for name, fn in fns.items()},
                             clock=time.perf_counter if device == "cuda" else time.process_time,
                             sync=torch.cuda.synchronize if device == "cuda" else (lambda: None))
     finally:
-        op._launch = real_launch
-        torch.set_num_threads(threads)
+        restore()
     if stub:
         assert launched, "no kernel launch reached the stub: the benchmark timed the wrong path"
     return {"shape": list(shape), "kernel_size": kernel_size, "device": device, "stubbed": stub, "layer_channels": C,
