@@ -516,6 +516,11 @@ def test_launch_plans_are_cached_per_layout_and_follow_the_tuning_state(device):
     plan = _op_plan(q, key, v, rel_rows, 3, 1, "zeros")
     assert _op_plan(q, key, v, rel_rows, 3, 1, "zeros") is plan and not plan.copy_qkv
     assert plan.strides == q.stride()[:3] and plan.drel_shape == (plan.dq.programs, 2, 3, 4)
+    # The buffers' templates: empty_like of each is a contiguous tensor of its shape on q's device.
+    for template, shape, dtype in ((plan.y_like, q.shape, q.dtype), (plan.lse_like, (1, 2, 4, 4), torch.float32),
+                                   (plan.drel_like, plan.drel_shape, torch.float32)):
+        buffer = torch.empty_like(template)
+        assert buffer.shape == shape and buffer.dtype == dtype and buffer.device == q.device and buffer.is_contiguous()
     contiguous = _op_plan(q.contiguous(), key.contiguous(), v.contiguous(), rel_rows, 3, 1, "zeros")
     assert contiguous is not plan and contiguous.strides == q.contiguous().stride()[:3]
     assert _op_plan(q, key, v, None, 3, 1, "zeros").drel_shape == (1,)

@@ -779,8 +779,11 @@ class _OpPlan:
     one set of (b, h, w) strides with heads and channels packed, as views of one channels_last
     qkv tensor have; anything else is copied to contiguous tensors), the strides the kernels then
     read, and the shape of the tables' partial gradients. An op call then does no Python work
-    that depends only on these."""
-    __slots__ = ("fwd", "dq", "dkdv", "copy_qkv", "strides", "sizes", "drel_shape")
+    that depends only on these. Its buffers are allocated as empty_like of one-element templates
+    expanded to their shapes (`y_like`: y, dq, dk, dv; `lse_like`: lse; `drel_like`: the tables'
+    partial gradients; empty_like of a tensor with zero strides is contiguous), which costs about
+    half the host time of new_empty or empty with a shape, dtype and device."""
+    __slots__ = ("fwd", "dq", "dkdv", "copy_qkv", "strides", "sizes", "drel_shape", "y_like", "lse_like", "drel_like")
 
     def __init__(self, q, k, v, rel_rows, kernel_size, dilation, padding, configs):
         B, H, W, heads, D = q.shape
@@ -797,6 +800,10 @@ class _OpPlan:
         # (an even D: (programs, 2, k, D / 2), the same memory, whose sum unbinds into both tables)
         self.drel_shape = ((1,) if rel_rows is None else (self.dq.programs, 2, kernel_size, D // 2) if D % 2 == 0
                            else (self.dq.programs, kernel_size * D))
+        template = lambda dtype, shape: torch.empty((), dtype=dtype, device=q.device).expand(shape)
+        self.y_like = template(q.dtype, q.shape)
+        self.lse_like = template(torch.float32, (B, heads, H, W))
+        self.drel_like = template(torch.float32, self.drel_shape)
 
 
 _PLANS: dict = {}  # key -> (the tuning state its configs came from, _OpPlan)
@@ -809,7 +816,8 @@ def _op_plan(q, k, v, rel_rows, kernel_size, dilation, padding, configs=None) ->
     kernels take the configs the tuning state resolves."""
     per_head = None if rel_rows is None else rel_rows.dim() == 3
     precision = dot_precision(q.dtype) if q.dtype == torch.float32 else None
-    key = (q.shape, q.stride(), k.stride(), v.stride(), q.dtype, kernel_size, dilation, padding, per_head, precision)
+    key = (q.shape, q.stride(), k.stride(), v.stride(), q.dtype, q.device, kernel_size, dilation, padding, per_head,
+           precision)
     if configs:
         configs = {name: config for name, config in configs.items() if config}
         key += tuple((name, *config.items()) for name, config in configs.items())
@@ -901,14 +909,15 @@ def _fwd(q, k, v, rel_rows, rel_cols, kernel_size, dilation, scale, padding, y=N
          plan=None):
     """Launch the forward kernel. Returns y (B, H, W, heads, D), contiguous, and lse (B, heads, H, W)
     fp32. `y`/`lse` may be passed in (the tests poison them to prove every element is written)."""
-    given = y is not None or lse is not None
-    y, lse = attention_outputs(q, y, lse)
-    if y.numel() == 0:
-        return y, lse
-    if given and not (y.is_contiguous() and lse.is_contiguous()):
-        raise ValueError("y and lse must be contiguous (the kernel writes them as such)")
+    if q.numel() == 0:
+        return attention_outputs(q, y, lse)
     if plan is None:
         plan = _op_plan(q, k, v, rel_rows, kernel_size, dilation, padding, {"local_fwd": config})
+    given = y is not None or lse is not None
+    y = torch.empty_like(plan.y_like) if y is None else y
+    lse = torch.empty_like(plan.lse_like) if lse is None else lse
+    if given and not (y.is_contiguous() and lse.is_contiguous()):
+        raise ValueError("y and lse must be contiguous (the kernel writes them as such)")
     if plan.copy_qkv:
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     _launch(plan.fwd, _fwd_args(plan, q, k, v, rel_rows, rel_cols, y, lse, scale))
@@ -922,19 +931,18 @@ def _bwd(q, k, v, rel_rows, rel_cols, y, lse, dy, kernel_size, dilation, scale, 
     or the three views of one (B, H, W, 3, heads, D) gradient (the tests poison them; the
     autograd Function passes the views of a packed qkv tensor's gradient)."""
     B, H, W, heads, D = q.shape
-    if grads is None:  # (three empty_like cost less host time than one allocation unbound)
-        grads = tuple(torch.empty_like(q, memory_format=torch.contiguous_format) for _ in range(3))
-    elif not _grad_layout(grads):
+    if grads is not None and not _grad_layout(grads):
         raise ValueError("grads must be contiguous, or views of one contiguous (B, H, W, 3, heads, D) tensor "
                          "(the kernels write them as such)")
-    dq, dk, dv = grads
     has_rel = rel_rows is not None
     if q.numel() == 0:
         zero = lambda t: None if t is None else torch.zeros_like(t)
-        return dq, dk, dv, zero(rel_rows), zero(rel_cols)
+        return (*(grads or (torch.empty_like(q) for _ in range(3))), zero(rel_rows), zero(rel_cols))
     if plan is None:
         plan = _op_plan(q, k, v, rel_rows, kernel_size, dilation, padding,
                         {"local_bwd_dq": config_dq, "local_bwd_dkdv": config_dkdv})
+    # (three empty_like cost less host time than one allocation unbound)
+    dq, dk, dv = grads or (torch.empty_like(plan.y_like), torch.empty_like(plan.y_like), torch.empty_like(plan.y_like))
     if plan.copy_qkv:
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     if not y.is_contiguous():
@@ -944,7 +952,7 @@ def _bwd(q, k, v, rel_rows, rel_cols, y, lse, dy, kernel_size, dilation, scale, 
     delta = torch.empty_like(lse)
     # Per-program partial gradients of the tables, (programs, k * D) fp32 (as (programs, 2, k, D / 2) where D
     # is even), summed below.
-    drel = torch.empty(plan.drel_shape, device=q.device, dtype=torch.float32)
+    drel = torch.empty_like(plan.drel_like)
     dq_args, dkdv_args = _bwd_args(plan, q, k, v, rel_rows, rel_cols, y, lse, dy, delta, dq, dk, dv, drel, scale)
     dq_plan, dkdv_plan = plan.dq, plan.dkdv
     if dq.stride(2) != heads * D:  # the parts of one dqkv
