@@ -545,7 +545,7 @@ def _local_attn_bwd_dkdv_kernel(
                             mask=row_ok[None, :, :, None] & (offs_dr < D_ROWS)[:, None, None, None], other=0.0)
             strip_row = tl.minimum(tl.maximum(row0 - RADIUS + first + step_row, 0), H - 1)
             q_rows = tl.load(q_head + (strip_row.to(tl.int64) * stride_h)[None, None, :, None] + q_row_cols)
-            row_bias = (tl.sum(q_rows.to(tl.float32) * qk_scale * table.to(tl.float32), axis=0)
+            row_bias = (tl.sum(q_rows.to(tl.float32) * table.to(tl.float32), axis=0) * qk_scale
                         + tl.where(row_ok, 0.0, float("-inf"))[:, :, None])
             row_bias = tl.reshape(row_bias, (BLOCK_H, BLOCK_N))
             row_bias = tl.where(query_in[None, :], row_bias, float("-inf")) - lse2[None, :]
