@@ -950,8 +950,7 @@ def _bwd(q, k, v, rel_rows, rel_cols, y, lse, dy, kernel_size, dilation, scale, 
     if dy.stride()[3:] != (D, 1):
         dy = dy.contiguous()
     delta = torch.empty_like(lse)
-    # Per-program partial gradients of the tables, (programs, k * D) fp32 (as (programs, 2, k, D / 2) where D
-    # is even), summed below.
+    # Per-program partial gradients of the tables, fp32, plan.drel_shape, summed below.
     drel = torch.empty_like(plan.drel_like)
     dq_args, dkdv_args = _bwd_args(plan, q, k, v, rel_rows, rel_cols, y, lse, dy, delta, dq, dk, dv, drel, scale)
     dq_plan, dkdv_plan = plan.dq, plan.dkdv
@@ -961,8 +960,8 @@ def _bwd(q, k, v, rel_rows, rel_cols, y, lse, dy, kernel_size, dilation, scale, 
     _launch(dkdv_plan, dkdv_args)  # reads delta
     if not has_rel:
         return dq, dk, dv, None, None
-    # (B * heads * tiles, k * D) -> (k * D) or (heads, k * D): a deterministic sum over batch and
-    # tiles; the rel_rows gradient (k, D // 2), then the rel_cols one, contiguous for shared tables.
+    # (B * heads * tiles, ...) -> (...) or (heads, ...): a deterministic sum over batch and tiles;
+    # the rel_rows gradient (k, D // 2), then the rel_cols one, contiguous for shared tables.
     per_head = rel_rows.dim() == 3
     total = drel.sum(0) if not per_head else drel.view(B, heads, -1, *drel.shape[1:]).sum(dim=(0, 2))
     if D % 2 == 0:  # (..., 2, k, D / 2): one unbind, 19,700 instructions of host time fewer than a split and two views
