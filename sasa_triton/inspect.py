@@ -93,16 +93,13 @@ def local_cost(kernel: str, kernel_size: int, head_dim: int, elt: int, config: d
     (BLOCK_W + 2r padded to a power of two) columns, in
     BLOCK_D-wide (D padded) products: 2 dots (fwd), 3 (dq) or 4 (dk/dv) of 2 * pairs * BLOCK_D.
     """
-    from .ops.local_attention import channel_tile, halo_width
+    from .ops.local_attention import channel_tile, computed_keys
 
     k, D = kernel_size, head_dim
-    radius = k // 2
-    block_h, block_w = config.get("BLOCK_H", 1), config.get("BLOCK_W", 1)
-    halo = halo_width(block_w, k, 1)
     d_pad = channel_tile(D)
-    step_rows = config.get("STEP_ROWS", 1)  # key rows per dot: the walk pads the haloed rows to a multiple
-    key_rows = -(-(block_h + 2 * radius) // step_rows) * step_rows
-    keys_per_query = key_rows * halo  # (query, key) pairs each query's dots cover
+    # (query, key) pairs each query's dots cover
+    keys_per_query = computed_keys({"BLOCK_H": config.get("BLOCK_H", 1), "BLOCK_W": config.get("BLOCK_W", 1),
+                                    "STEP_ROWS": config.get("STEP_ROWS", 1)}, k, 1)
     if kernel == "local_fwd":
         flops, dots = 4 * k * k * D + 2 * k * D, 2
         nbytes = 4 * D * elt + 4

@@ -136,10 +136,11 @@ def test_bf16_matches_reference(device):
 # The GPU's default configs, run explicitly (through the interpreter in CI)
 # ----------------------------------------------------------------------------------------------
 
-# Images of two tiles or more each way (one way for a few) for the default tiles seen so far (8x8
-# at r <= 4, 4x16 at r = 5-7, the lower D > 64 tiles), so that tile edges, the halo of a
-# neighbouring tile and the image border all occur; small, because the interpreter is slow (a case
-# at k = 15 or at D > 64 with k = 11 costs 10-40 s there: SASA_TRITON_EXTENDED_TESTS=1 runs the rest).
+# Images of two tiles or more each way (one way for a few) for the default tiles (2 x 8, dk/dv 4 x 8
+# in 16 bits at D <= 16, at r = 1, 3, 4, 7; 4 x 4, dk/dv 8 x 4, at r = 2, 5, 6: 16-wide strips), so
+# that tile edges, the halo of a neighbouring tile and the image border all occur; small, because
+# the interpreter is slow (a case at k = 15 or at D > 64 with k = 11 costs 10-40 s there:
+# SASA_TRITON_EXTENDED_TESTS=1 runs the rest).
 DEFAULT_CONFIG_CASES = [
     # B, H, W, heads, D, k, dilation, padding, rel, dtype
     case(1, 10, 9, 1, 8, 3, 1, "zeros", "shared", torch.float32),
@@ -275,7 +276,8 @@ def test_forward_head_pairs(B, H, W, heads, D, k, dilation, padding, rel, dtype,
 def test_dkdv_row_bias_by_fmas_and_by_dot_and_gather(dilation, padding, rel, device):
     """dk/dv's two ways to the row bias (ROW_BIAS_FMA: FMAs against the step's table slice where
     Dr * BLOCK_H <= 16; else a dot against every tap and a gather): at D = 16 a 2 x 8 key tile
-    takes the first, a 4 x 8 tile the second. Both against float64, and against each other."""
+    takes the first, a 4 x 8 tile the second (the default here, k = 5, is 4 x 4). Both against
+    float64, and against each other."""
     B, H, W, heads, D, k = 1, 9, 11, 2, 16, 5
     dtype = torch.float32
     inputs, dy = make_inputs(B, H, W, heads, D, k, rel, device, dtype)
@@ -284,7 +286,7 @@ def test_dkdv_row_bias_by_fmas_and_by_dot_and_gather(dilation, padding, rel, dev
     defaults = gpu_defaults(k, dilation, D, dtype)
     runs = {}
     for block_h in (2, 4):
-        configs = {**defaults, "local_bwd_dkdv": {**defaults["local_bwd_dkdv"], "BLOCK_H": block_h}}
+        configs = {**defaults, "local_bwd_dkdv": {**defaults["local_bwd_dkdv"], "BLOCK_H": block_h, "BLOCK_W": 8}}
         plan = _op_plan(*inputs[:4], k, dilation, padding, configs)
         runs[plan.dkdv.meta["ROW_BIAS_FMA"]] = results = results_of_launchers(inputs, dy, configs, **options)
         check_results(results, exact, in_dtype, dtype, label=f"dk/dv BLOCK_H {block_h}")

@@ -1,11 +1,12 @@
 """Fused SASA local attention (SPEC section 1): Triton forward and backward kernels.
 
-Algorithm: a program owns a BLOCK_H x BLOCK_W tile of query pixels of one (batch, head) (2 x 8 on
-one warp by default: 16 queries, one tensor-core row block) and the haloed key strip those queries
-see: BLOCK_H + 2r rows of HALO_W = pow2(BLOCK_W + 2r) columns, taken STEP_ROWS rows at a time
-(all of them in one step at k = 7). Per step, one tl.dot gives every (query, key) logit of the
-step; the relative logits and every mask enter as two additive bias tiles built once per tile
-(columns) or per step (rows) by gathering q.rel_rows and q.rel_cols (2k dot products per query):
+Algorithm: a program owns a BLOCK_H x BLOCK_W tile of query pixels of one (batch, head) (2 x 8, or
+4 x 4 where its strip is narrower, on one warp by default: 16 queries, one tensor-core row block)
+and the haloed key strip those queries see: BLOCK_H + 2r rows of HALO_W = pow2(BLOCK_W + 2r)
+columns, taken STEP_ROWS rows at a time (all of them in one step at k = 7). Per step, one tl.dot
+gives every (query, key) logit of the step; the relative logits and every mask enter as two
+additive bias tiles built once per tile (columns) or per step (rows) by gathering q.rel_rows and
+q.rel_cols (2k dot products per query):
 logit = (q.k) * scale + row_bias[query, key row] + col_bias[query, key column], where a bias is
 -inf outside the window (and outside the image for padding="mask"). So each computed logit costs
 about six instructions (scale and two adds, max, exp2, sum), and the online fp32 softmax rescales
@@ -615,16 +616,21 @@ def default_config(kernel: str, kernel_size: int, dilation: int, head_dim: int, 
     """The default launch config of a local-attention kernel (the same on the GPU and under the
     interpreter, so CI runs what the GPU runs).
 
-    A 2 x 8 query (or key) tile is one tensor-core row block of 16 pixels: one warp (dk/dv in 16
-    bits: 4 x 8, two row blocks, at D <= 16, measured faster on a card, and at D 32 for k <= 7, by
-    the instruction count). A step walks STEP_ROWS haloed rows, as many as STEP_PIXELS allows (at k <= 7 and D <= 32 the forward and
-    dq take the whole 8 x 16 strip in one step: WHOLE_STRIP_PIXELS). Several steps pipeline their
-    loads (num_stages 2).
+    A tile of 16 query (or key) pixels is one tensor-core row block: one warp (dk/dv in 16 bits:
+    32 keys, two row blocks, at D <= 16, measured faster on a card, and at D 32 for r <= 3, by the
+    instruction count). Its shape, 8 or 4 pixels wide, is the one whose steps compute fewer logits
+    per query (computed_keys; ties to 8 wide): 4 x 4 (dk/dv's 32 keys 8 x 4) at r = 2, 5, 6, where
+    its strip is half as wide (at r = 5, 14 x 16 keys a query against 12 x 32), and at r = 1 where
+    steps of one 16-wide row leave padding (D 64, dk/dv at D 32); else 2 x 8. On sm_90 that cut
+    the instructions per (pixel, head) by 4-44 % on Triton 3.3, 3.6 and 3.9 (bench/RESULTS.md,
+    2026-11-30). A step walks STEP_ROWS haloed rows, as many as STEP_PIXELS allows
+    (at k <= 7 and D <= 32 the forward and dq take their whole strip in one step:
+    WHOLE_STRIP_PIXELS). Several steps pipeline their loads (num_stages 2).
     """
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     block_d = channel_tile(head_dim)
-    # dk/dv at D <= 16 (16-bit): a 4 x 8 key tile (two row blocks) shares each query strip between
+    # dk/dv at D <= 16 (16-bit): a 32-key tile (two row blocks) shares each query strip between
     # 32 keys; on an H200 (Triton 3.6, 2026-11-29, k = 7, B 32) the backward took 0.534 ms instead
     # of 0.649 at 56x56x64 and 0.222 instead of 0.234 at 28x28x128. At D 32 for k <= 7 undilated
     # too (static, sm_90, bf16, k = 7, 2026-11-30: 215.8 -> 159.4 warp-instructions per (pixel,
@@ -632,7 +638,21 @@ def default_config(kernel: str, kernel_size: int, dilation: int, head_dim: int, 
     # spill that way, and so does D 64).
     wide = kernel == "local_bwd_dkdv" and dtype != torch.float32 and (
         block_d == 16 or block_d == 32 and dilation * (kernel_size // 2) <= 3)
-    block_h, block_w = (4 if wide else 2), 8
+    pixels = 32 if wide else 16
+    tiles = [_tile_config(kernel, kernel_size, dilation, block_d, dtype, pixels // width, width) for width in (8, 4)]
+    return min(tiles, key=lambda config: computed_keys(config, kernel_size, dilation))
+
+
+def computed_keys(config: dict, kernel_size: int, dilation: int) -> int:
+    """Logits a query (or key, for dk/dv) of a config's tile computes: its steps times their
+    STEP_ROWS x HALO_W strip pixels (the useful ones are k * k)."""
+    halo_rows = config["BLOCK_H"] + 2 * dilation * (kernel_size // 2)
+    step_rows = config["STEP_ROWS"]
+    return -(-halo_rows // step_rows) * step_rows * halo_width(config["BLOCK_W"], kernel_size, dilation)
+
+
+def _tile_config(kernel, kernel_size, dilation, block_d, dtype, block_h, block_w) -> dict:
+    """The default config of a BLOCK_H x BLOCK_W tile: its step, warps and stages."""
     halo_w = halo_width(block_w, kernel_size, dilation)
     halo_rows = block_h + 2 * dilation * (kernel_size // 2)
     pixels = STEP_PIXELS[kernel][min(block_d, 128)]
@@ -654,8 +674,9 @@ def default_config(kernel: str, kernel_size: int, dilation: int, head_dim: int, 
 
 
 def config_space(kernel, kernel_size, dilation, head_dim, dtype, height_bucket, width_bucket):
-    """The autotuner's candidates, the default among them (about 10-20 per key, so tuning a key
-    takes seconds): tiles of 16-32 pixels (2 x 8, 4 x 8, 2 x 16; no wider than the image needs),
+    """The autotuner's candidates, the default among them (about 10-30 per key, so tuning a key
+    takes seconds): tiles of 16-32 pixels (2 x 8, 4 x 8, 2 x 16, and 4 x 4, 8 x 4 where a 4-wide
+    tile's strip is narrower than an 8-wide one's; no wider or taller than the image needs),
     steps of the default's strip pixels and twice that (half of it and that where the default
     takes a whole strip by WHOLE_STRIP_PIXELS), 1-2 warps for 16-bit inputs (4-8 for fp32's FMA
     dots), 1-2 pipeline stages where a 16-bit kernel takes several steps.
@@ -674,9 +695,13 @@ def config_space(kernel, kernel_size, dilation, head_dim, dtype, height_bucket, 
     """
     radius = dilation * (kernel_size // 2)
     default = default_config(kernel, kernel_size, dilation, head_dim, dtype)
+    tiles = [(2, 8), (4, 8), (2, 16)]
+    if halo_width(4, kernel_size, dilation) < halo_width(8, kernel_size, dilation):
+        tiles += [(4, 4), (8, 4)]  # r = 1, 2, 5, 6: a 4-wide tile's strip is half as wide
     seen = set()
-    for block_h, block_w in ((2, 8), (4, 8), (2, 16)):
-        if block_w > 8 and width_bucket <= 8 or block_h > 2 and height_bucket <= 2:
+    for block_h, block_w in tiles:
+        too_tall = block_h > 2 and height_bucket <= 2 or block_h > 4 and height_bucket <= 4
+        if block_w > 8 and width_bucket <= 8 or too_tall:
             continue
         halo_w = halo_width(block_w, kernel_size, dilation)
         halo_rows = block_h + 2 * radius
