@@ -9,6 +9,7 @@ the autotuning candidates explicitly, so CI checks the tiles a GPU runs. SASA_TR
 runs the full grid of default configs (windows 3-15, dilations 1-2, head dims 8-72, fp32 and fp16;
 about 30 min on 2 cores) and more candidates.
 """
+import itertools
 import os
 import random
 from itertools import zip_longest
@@ -18,7 +19,7 @@ import torch
 
 import sasa_triton
 from sasa_triton import tuning
-from sasa_triton.ops.local_attention import _bwd, _fwd, _op_plan, qkv_parts
+from sasa_triton.ops.local_attention import _bwd, _fwd, _op_plan, _tile_config, channel_tile, computed_keys, qkv_parts
 from sasa_triton.reference import local_attention2d as reference
 
 from helpers import assert_close_to_reference, autograd_graph_nodes, reference_in_dtype
@@ -169,6 +170,23 @@ def _extended_default_cases():
         heads = 2 if rel == "per_head" else 1
         cases.append(case(1, H, W, heads, D, k, dilation, padding, rel, dtype))
     return cases
+
+
+@pytest.mark.parametrize("k,dilation,width", [(3, 1, 8), (5, 1, 4), (7, 1, 8), (9, 1, 8), (11, 1, 4), (13, 1, 4),
+                                               (15, 1, 8), (3, 2, 4), (7, 2, 4)])
+def test_default_tile_computes_the_fewest_logits(k, dilation, width):
+    """Each kernel's default tile computes no more logits per query than the same kernel's default
+    at the other width (8 or 4; ties to 8), and the forward's width at 16 bits and D 8 is the one
+    whose strip is narrower."""
+    for kernel, D, dtype in itertools.product(KERNELS, (8, 16, 32, 64, 72), (torch.bfloat16, torch.float32)):
+        default = tuning.gpu_default_config(kernel, k, dilation, D, dtype)
+        pixels = default["BLOCK_H"] * default["BLOCK_W"]
+        for other_width in (8, 4):
+            other = _tile_config(kernel, k, dilation, channel_tile(D), dtype, pixels // other_width, other_width)
+            assert computed_keys(default, k, dilation) <= computed_keys(other, k, dilation), (kernel, D, dtype)
+            if other_width == 8 and default["BLOCK_W"] != 8:
+                assert computed_keys(default, k, dilation) < computed_keys(other, k, dilation), (kernel, D, dtype)
+    assert tuning.gpu_default_config("local_fwd", k, dilation, 8, torch.bfloat16)["BLOCK_W"] == width
 
 
 @pytest.mark.parametrize("B,H,W,heads,D,k,dilation,padding,rel,dtype",
