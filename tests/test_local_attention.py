@@ -9,10 +9,9 @@ the autotuning candidates explicitly, so CI checks the tiles a GPU runs. SASA_TR
 runs the full grid of default configs (windows 3-15, dilations 1-2, head dims 8-72, fp32 and fp16;
 about 30 min on 2 cores) and more candidates.
 """
-import itertools
 import os
 import random
-from itertools import zip_longest
+from itertools import product, zip_longest
 
 import pytest
 import torch
@@ -178,7 +177,7 @@ def test_default_tile_computes_the_fewest_logits(k, dilation, width):
     """Each kernel's default tile computes no more logits per query than the same kernel's default
     at the other width (8 or 4; ties to 8), and the forward's width at 16 bits and D 8 is the one
     whose strip is narrower."""
-    for kernel, D, dtype in itertools.product(KERNELS, (8, 16, 32, 64, 72), (torch.bfloat16, torch.float32)):
+    for kernel, D, dtype in product(KERNELS, (8, 16, 32, 64, 72), (torch.bfloat16, torch.float32)):
         default = tuning.gpu_default_config(kernel, k, dilation, D, dtype)
         pixels = default["BLOCK_H"] * default["BLOCK_W"]
         for other_width in (8, 4):

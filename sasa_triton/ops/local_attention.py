@@ -622,7 +622,7 @@ def default_config(kernel: str, kernel_size: int, dilation: int, head_dim: int, 
     per query (computed_keys; ties to 8 wide): 4 x 4 (dk/dv's 32 keys 8 x 4) at r = 2, 5, 6, where
     its strip is half as wide (at r = 5, 14 x 16 keys a query against 12 x 32), and at r = 1 where
     steps of one 16-wide row leave padding (D 64, dk/dv at D 32); else 2 x 8. On sm_90 that cut
-    the instructions per (pixel, head) by 4-44 % on Triton 3.3, 3.6 and 3.9 (bench/RESULTS.md,
+    the instructions per (pixel, head) by 4-45 % on Triton 3.3, 3.6 and 3.9 (bench/RESULTS.md,
     2026-11-30). A step walks STEP_ROWS haloed rows, as many as STEP_PIXELS allows
     (at k <= 7 and D <= 32 the forward and dq take their whole strip in one step:
     WHOLE_STRIP_PIXELS). Several steps pipeline their loads (num_stages 2).
