@@ -137,10 +137,10 @@ def test_bf16_matches_reference(device):
 # ----------------------------------------------------------------------------------------------
 
 # Images of two tiles or more each way (one way for a few) for the default tiles (2 x 8, dk/dv 4 x 8
-# in 16 bits at D <= 16, at r = 1, 3, 4, 7; 4 x 4, dk/dv 8 x 4, at r = 2, 5, 6: 16-wide strips), so
-# that tile edges, the halo of a neighbouring tile and the image border all occur; small, because
-# the interpreter is slow (a case at k = 15 or at D > 64 with k = 11 costs 10-40 s there:
-# SASA_TRITON_EXTENDED_TESTS=1 runs the rest).
+# in 16 bits at D <= 16, at r = 1, 3, 4; 4 x 4, dk/dv 8 x 4, at r = 2, 5, 6; 8 x 2, dk/dv 16 x 2,
+# at r = 7), so that tile edges, the halo of a neighbouring tile and the image border all
+# occur; small, because the interpreter is slow (a case at k = 15 or at D > 64 with k = 11 costs
+# 10-40 s there: SASA_TRITON_EXTENDED_TESTS=1 runs the rest).
 DEFAULT_CONFIG_CASES = [
     # B, H, W, heads, D, k, dilation, padding, rel, dtype
     case(1, 10, 9, 1, 8, 3, 1, "zeros", "shared", torch.float32),
@@ -150,6 +150,7 @@ DEFAULT_CONFIG_CASES = [
     case(1, 5, 17, 1, 8, 7, 2, "zeros", "shared", torch.float16),
     case(1, 5, 17, 1, 16, 11, 1, "mask", "shared", torch.float32),
     case(1, 5, 17, 1, 8, 15, 1, "mask", "shared", torch.float16),
+    case(1, 10, 5, 1, 16, 15, 1, "zeros", "shared", torch.float32),  # 8 x 2 tiles, two rows of them
     case(1, 9, 9, 1, 72, 3, 1, "mask", "shared", torch.float16),
     case(1, 4, 9, 1, 72, 7, 1, "zeros", "shared", torch.float32),
 ]
@@ -172,18 +173,18 @@ def _extended_default_cases():
 
 
 @pytest.mark.parametrize("k,dilation,width", [(3, 1, 8), (5, 1, 4), (7, 1, 8), (9, 1, 8), (11, 1, 4), (13, 1, 4),
-                                               (15, 1, 8), (3, 2, 4), (7, 2, 4)])
+                                               (15, 1, 2), (3, 2, 4), (7, 2, 4)])
 def test_default_tile_computes_the_fewest_logits(k, dilation, width):
     """Each kernel's default tile computes no more logits per query than the same kernel's default
-    at the other width (8 or 4; ties to 8), and the forward's width at 16 bits and D 8 is the one
-    whose strip is narrower."""
+    at another width (8 or 4, and 2 at radius 7; a narrower one only where it computes fewer), and
+    the forward's width at 16 bits and D 8 is the one whose strip is narrower."""
     for kernel, D, dtype in product(KERNELS, (8, 16, 32, 64, 72), (torch.bfloat16, torch.float32)):
         default = tuning.gpu_default_config(kernel, k, dilation, D, dtype)
         pixels = default["BLOCK_H"] * default["BLOCK_W"]
-        for other_width in (8, 4):
+        for other_width in (8, 4, 2) if dilation * (k // 2) == 7 else (8, 4):
             other = _tile_config(kernel, k, dilation, channel_tile(D), dtype, pixels // other_width, other_width)
             assert computed_keys(default, k, dilation) <= computed_keys(other, k, dilation), (kernel, D, dtype)
-            if other_width == 8 and default["BLOCK_W"] != 8:
+            if other_width > default["BLOCK_W"]:
                 assert computed_keys(default, k, dilation) < computed_keys(other, k, dilation), (kernel, D, dtype)
     assert tuning.gpu_default_config("local_fwd", k, dilation, 8, torch.bfloat16)["BLOCK_W"] == width
 

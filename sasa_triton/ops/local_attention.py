@@ -1,7 +1,7 @@
 """Fused SASA local attention (SPEC section 1): Triton forward and backward kernels.
 
 Algorithm: a program owns a BLOCK_H x BLOCK_W tile of query pixels of one (batch, head) (2 x 8, or
-4 x 4 where its strip is narrower, on one warp by default: 16 queries, one tensor-core row block)
+4 x 4 or 8 x 2 where its strip is narrower, on one warp by default: 16 queries, one row block)
 and the haloed key strip those queries see: BLOCK_H + 2r rows of HALO_W = pow2(BLOCK_W + 2r)
 columns, taken STEP_ROWS rows at a time (all of them in one step at k = 7). Per step, one tl.dot
 gives every (query, key) logit of the step; the relative logits and every mask enter as two
@@ -618,13 +618,14 @@ def default_config(kernel: str, kernel_size: int, dilation: int, head_dim: int, 
 
     A tile of 16 query (or key) pixels is one tensor-core row block: one warp (dk/dv in 16 bits:
     32 keys, two row blocks, at D <= 16, measured faster on a card, and at D 32 for r <= 3, by the
-    instruction count). Its shape, 8 or 4 pixels wide, is the one whose steps compute fewer logits
-    per query (computed_keys; ties to 8 wide): 4 x 4 (dk/dv's 32 keys 8 x 4) at r = 2, 5, 6, where
-    its strip is half as wide (at r = 5, 14 x 16 keys a query against 12 x 32), and at r = 1 where
-    steps of one 16-wide row leave padding (D 64, dk/dv at D 32); else 2 x 8. On sm_90 that cut
-    the instructions per (pixel, head) by 4-45 % on Triton 3.3, 3.6 and 3.9 (bench/RESULTS.md,
-    2026-11-30). A step walks STEP_ROWS haloed rows, as many as STEP_PIXELS allows
-    (at k <= 7 and D <= 32 the forward and dq take their whole strip in one step:
+    instruction count). Its shape, 8 or 4 (at r >= 7 also 2) pixels wide, is the one whose steps
+    compute the fewest logits per query (computed_keys; ties to the wider): 4 x 4 (dk/dv's 32 keys
+    8 x 4) at r = 2, 5, 6, where its strip is half as wide (at r = 5, 14 x 16 keys a query against
+    12 x 32), and at r = 1 where steps of one 16-wide row leave padding (D 64, dk/dv at D 32);
+    8 x 2 (16 x 2) at r = 7 (22 x 16 against 16 x 32); else 2 x 8. On sm_90 that cut the
+    instructions per (pixel, head) there by up to 45 % on Triton 3.3, 3.6 and 3.9 (one kernel on
+    3.9 lost 13 %: bench/RESULTS.md, 2026-11-30). A step walks STEP_ROWS haloed rows, as many as STEP_PIXELS
+    allows (at k <= 7 and D <= 32 the forward and dq take their whole strip in one step:
     WHOLE_STRIP_PIXELS). Several steps pipeline their loads (num_stages 2).
     """
     if kernel not in KERNELS:
@@ -639,7 +640,13 @@ def default_config(kernel: str, kernel_size: int, dilation: int, head_dim: int, 
     wide = kernel == "local_bwd_dkdv" and dtype != torch.float32 and (
         block_d == 16 or block_d == 32 and dilation * (kernel_size // 2) <= 3)
     pixels = 32 if wide else 16
-    tiles = [_tile_config(kernel, kernel_size, dilation, block_d, dtype, pixels // width, width) for width in (8, 4)]
+    widths = (8, 4)
+    if halo_width(4, kernel_size, dilation) >= 32:
+        # 2 wide where the wider tiles' strips are 32 wide (r >= 7): at r = 7 a query computes 22 x
+        # 16 logits instead of 16 x 32. Not at r = 3 (D 64), where 8 x 2 saves an eighth of them
+        # but not the instructions (sm_90, Triton 3.9: dq +7 %, dk/dv -7 %).
+        widths = (8, 4, 2)
+    tiles = [_tile_config(kernel, kernel_size, dilation, block_d, dtype, pixels // width, width) for width in widths]
     return min(tiles, key=lambda config: computed_keys(config, kernel_size, dilation))
 
 
@@ -676,7 +683,8 @@ def _tile_config(kernel, kernel_size, dilation, block_d, dtype, block_h, block_w
 def config_space(kernel, kernel_size, dilation, head_dim, dtype, height_bucket, width_bucket):
     """The autotuner's candidates, the default among them (about 10-30 per key, so tuning a key
     takes seconds): tiles of 16-32 pixels (2 x 8, 4 x 8, 2 x 16, and 4 x 4, 8 x 4 where a 4-wide
-    tile's strip is narrower than an 8-wide one's; no wider or taller than the image needs),
+    tile's strip is narrower than an 8-wide one's, 8 x 2 and 16 x 2 where a 2-wide tile is the
+    default; no wider or taller than the image needs),
     steps of the default's strip pixels and twice that (half of it and that where the default
     takes a whole strip by WHOLE_STRIP_PIXELS), 1-2 warps for 16-bit inputs (4-8 for fp32's FMA
     dots), 1-2 pipeline stages where a 16-bit kernel takes several steps.
@@ -698,9 +706,11 @@ def config_space(kernel, kernel_size, dilation, head_dim, dtype, height_bucket, 
     tiles = [(2, 8), (4, 8), (2, 16)]
     if halo_width(4, kernel_size, dilation) < halo_width(8, kernel_size, dilation):
         tiles += [(4, 4), (8, 4)]  # r = 1, 2, 5, 6: a 4-wide tile's strip is half as wide
+    if default["BLOCK_W"] == 2:
+        tiles += [(8, 2), (16, 2)]  # r = 7
     seen = set()
     for block_h, block_w in tiles:
-        too_tall = block_h > 2 and height_bucket <= 2 or block_h > 4 and height_bucket <= 4
+        too_tall = block_h > 2 and block_h >= 2 * height_bucket
         if block_w > 8 and width_bucket <= 8 or too_tall:
             continue
         halo_w = halo_width(block_w, kernel_size, dilation)
