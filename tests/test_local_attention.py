@@ -166,7 +166,8 @@ def _extended_default_cases():
             for dt in (torch.float32, torch.float16)):
         padding, rel = rotation[(index // 2 + index % 2 + index // 8) % len(rotation)]  # each dtype and D sees all
         radius = dilation * (k // 2)
-        H, W = (9, 10) if radius <= 4 else (5, 18)  # two 8x8 tiles each way, or two 4x16
+        # two default tiles or more each way: 2 x 8 (r <= 4), 8 x 2 (r = 7), else 4 x 4
+        H, W = (9, 10) if radius <= 4 else (10, 5) if radius == 7 else (5, 18)
         heads = 2 if rel == "per_head" else 1
         cases.append(case(1, H, W, heads, D, k, dilation, padding, rel, dtype))
     return cases
