@@ -724,9 +724,10 @@ def test_gpu_forward_backward_and_layer_replay_in_cuda_graphs():
 # ResNet-50's four attention stages (8 heads, k = 7) at batch 2, in bf16 (fp16 compiles to the same
 # tensor-core layouts) and fp32 (FMA dots). Last in this file: a candidate that faults poisons the
 # CUDA context, and with it every test after it.
-# Two more windows in bf16 where the 4-wide tiles (4 x 4, dk/dv 8 x 4) are defaults and candidates.
+# Three more windows in bf16 where narrower tiles (4 x 4, 8 x 4, 8 x 2, 16 x 2) are defaults and candidates.
 RESNET50_STAGES = [pytest.param(H, D, 7, id=f"H{H}-D{D}") for H, D in [(56, 8), (28, 16), (14, 32), (7, 64)]]
-NARROW_TILE_KEYS = [pytest.param(28, 16, 11, id="H28-D16-k11"), pytest.param(14, 32, 5, id="H14-D32-k5")]
+NARROW_TILE_KEYS = [pytest.param(28, 16, 11, id="H28-D16-k11"), pytest.param(14, 32, 5, id="H14-D32-k5"),
+                    pytest.param(28, 16, 15, id="H28-D16-k15")]
 
 
 @pytest.mark.gpu
@@ -736,8 +737,8 @@ NARROW_TILE_KEYS = [pytest.param(28, 16, 11, id="H28-D16-k11"), pytest.param(14,
 ] + [pytest.param(torch.bfloat16, *key.values, id=f"bf16-{key.id}") for key in NARROW_TILE_KEYS])
 def test_gpu_every_candidate_config(dtype, H, D, k):
     """Every autotuning candidate of the forward, dq and dk/dv kernels at a ResNet-50 stage shape
-    (k = 7), and at two keys whose default tiles are 4 wide, against float64 (and lse against the
-    default config's): lists every mismatch."""
+    (k = 7), and at three keys whose default tiles are narrower, against float64 (and lse against
+    the default config's): lists every mismatch."""
     B, heads = 2, 8
     inputs, dy = make_inputs(B, H, H, heads, D, k, "shared", "cuda", dtype)
     options = dict(kernel_size=k, dilation=1, scale=1.0, padding="zeros")
