@@ -642,7 +642,7 @@ def default_config(kernel: str, kernel_size: int, dilation: int, head_dim: int, 
     pixels = 32 if wide else 16
     widths = (8, 4)
     if halo_width(4, kernel_size, dilation) >= 32:
-        # 2 wide where the wider tiles' strips are 32 wide (r >= 7): at r = 7 a query computes 22 x
+        # 2 wide where the wider tiles' strips are 32 or more (r >= 7): at r = 7 a query computes 22 x
         # 16 logits instead of 16 x 32. Not at r = 3 (D 64), where 8 x 2 saves an eighth of them
         # but not the instructions (sm_90, Triton 3.9: dq +7 %, dk/dv -7 %).
         widths = (8, 4, 2)
@@ -707,7 +707,7 @@ def config_space(kernel, kernel_size, dilation, head_dim, dtype, height_bucket, 
     if halo_width(4, kernel_size, dilation) < halo_width(8, kernel_size, dilation):
         tiles += [(4, 4), (8, 4)]  # r = 1, 2, 5, 6: a 4-wide tile's strip is half as wide
     if default["BLOCK_W"] == 2:
-        tiles += [(8, 2), (16, 2)]  # r = 7
+        tiles += [(8, 2), (16, 2)]  # k = 15
     seen = set()
     for block_h, block_w in tiles:
         too_tall = block_h > 2 and block_h >= 2 * height_bucket
