@@ -624,9 +624,9 @@ def default_config(kernel: str, kernel_size: int, dilation: int, head_dim: int, 
     12 x 32), and at r = 1 where steps of one 16-wide row leave padding (D 64, dk/dv at D 32);
     8 x 2 (16 x 2) at r = 7 (22 x 16 against 16 x 32); else 2 x 8. On sm_90 that cut the
     instructions per (pixel, head) there by up to 45 % on Triton 3.3, 3.6 and 3.9 (one kernel on
-    3.9 lost 13 %: bench/RESULTS.md, 2026-11-30). A step walks STEP_ROWS haloed rows, as many as STEP_PIXELS
-    allows (at k <= 7 and D <= 32 the forward and dq take their whole strip in one step:
-    WHOLE_STRIP_PIXELS). Several steps pipeline their loads (num_stages 2).
+    3.9 lost 13 %: bench/RESULTS.md, 2026-11-30). A step walks STEP_ROWS haloed rows, as many as
+    STEP_PIXELS allows (at k <= 7 and D <= 32 the forward and dq take their whole strip in one
+    step: WHOLE_STRIP_PIXELS). Several steps pipeline their loads (num_stages 2).
     """
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
@@ -707,7 +707,7 @@ def config_space(kernel, kernel_size, dilation, head_dim, dtype, height_bucket, 
     if halo_width(4, kernel_size, dilation) < halo_width(8, kernel_size, dilation):
         tiles += [(4, 4), (8, 4)]  # r = 1, 2, 5, 6: a 4-wide tile's strip is half as wide
     if default["BLOCK_W"] == 2:
-        tiles += [(8, 2), (16, 2)]  # k = 15
+        tiles += [(8, 2), (16, 2)]  # r = 7 (k = 15)
     seen = set()
     for block_h, block_w in tiles:
         too_tall = block_h > 2 and block_h >= 2 * height_bucket
