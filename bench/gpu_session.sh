@@ -12,6 +12,8 @@
 #   $OUT/tuned.json), the stage timings against cuDNN's 3x3 conv, bench/gpu_host_profile.py
 #   (host vs kernel time per call) and Nsight Compute on the three local kernels.
 # bench (~5 min): the README's main command, `python -m sasa_triton.bench`, time-boxed.
+# fresh (~9 min): a bare machine's first call: the README's main command from empty Triton and
+#   Inductor caches, then the GPU-marked tests beside the quick check, then the host breakdown.
 # verify (~9.5 min): check's suite and quick check, then bench (no tuner, timings or ncu).
 # host (~8 min): tests/test_launch.py (the op's direct kernel launches against Triton's run,
 #   bitwise) beside bench/gpu_quick_check.py (float64, the defaults), bench/gpu_host_breakdown.py
@@ -91,6 +93,30 @@ if [[ "$what" == host ]]; then
   tar czf "$OUT/bench.tgz" -C "$OUT" bench && rm -rf "$OUT/bench"
 fi
 
+if [[ "$what" == fresh ]]; then
+  # A bare machine's first call: the README's main command from an empty cache (its cold time and
+  # the issue-12 targets, alone on the GPU), then the GPU-marked tests (the compiled kernels at
+  # every window against float64, the candidate sweep, direct launches), kernel files first, beside
+  # the float64 quick check, then the host-time breakdown.
+  rm -rf .triton_cache ~/.triton/cache "/tmp/torchinductor_$(whoami)"; mkdir -p .triton_cache
+  stamp "README main command, cold Triton and Inductor caches"
+  ( time timeout "${BENCH_S:-200}" python -m sasa_triton.bench --out "$OUT/bench" ) >"$OUT/bench.log" 2>&1
+  stamp "bench rc=$?"; tail -n 40 "$OUT/bench.log"
+  tar czf "$OUT/bench.tgz" -C "$OUT" bench && rm -rf "$OUT/bench"
+  stamp "GPU tests + quick correctness (parallel)"
+  timeout -s INT "${SUITE_S:-290}" python -m pytest -q -p no:cacheprovider -n "${SUITE_WORKERS:-15}" -m gpu \
+    --timeout 200 --durations 15 -rfE --junitxml="$OUT/junit.xml" tests/test_local_attention.py \
+    tests/test_launch.py tests/test_bench.py tests/test_autotune.py tests/test_spatial_attention.py \
+    tests/test_attention_stem.py tests/test_stem.py tests/test_torch_compile.py tests/test_train.py \
+    >"$OUT/pytest.log" 2>&1 &
+  suite=$!
+  timeout 200 python bench/gpu_quick_check.py --no-timing >"$OUT/quick.log" 2>&1
+  stamp "quick correctness rc=$?"; grep -E "BAD|MISMATCH|correctness" "$OUT/quick.log"
+  wait $suite; stamp "suite rc=$?"; tail -n 30 "$OUT/pytest.log"
+  timeout "${BREAKDOWN_S:-45}" python bench/gpu_host_breakdown.py >"$OUT/breakdown.log" 2>&1
+  stamp "breakdown rc=$?"; grep -E " us$| ms$" "$OUT/breakdown.log"
+fi
+
 if [[ "$what" == tune ]]; then
   stamp "backward kernels at smaller steps (occupancy against instructions)"
   timeout 90 python bench/gpu_step_sizes.py >"$OUT/steps.log" 2>&1
@@ -113,7 +139,7 @@ if [[ "$what" == bench || "$what" == all || "$what" == verify ]]; then
 fi
 
 size_kb=$(du -sk .triton_cache 2>/dev/null | cut -f1)
-if [[ "$what" != bench && "$what" != verify && "$what" != host && -n "$size_kb" ]]; then
+if [[ "$what" != bench && "$what" != verify && "$what" != host && "$what" != fresh && -n "$size_kb" ]]; then
   tar czf "$OUT/triton_cache.tgz" .triton_cache
   if [[ $(du -k "$OUT/triton_cache.tgz" | cut -f1) -gt 15500 ]]; then  # 16 MiB a file comes back
     rm -f "$OUT/triton_cache.tgz"; stamp "Triton cache (${size_kb} KB) too large to bring back"
