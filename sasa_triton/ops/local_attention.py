@@ -814,11 +814,10 @@ class _OpPlan:
     one set of (b, h, w) strides with heads and channels packed, as views of one channels_last
     qkv tensor have; anything else is copied to contiguous tensors), the strides the kernels then
     read, and the shape of the tables' partial gradients. An op call then does no Python work
-    that depends only on these. Its buffers are allocated as empty_like of one-element templates
-    expanded to their shapes (`y_like`: y, dq, dk, dv; `lse_like`: lse; `drel_like`: the tables'
-    partial gradients; empty_like of a tensor with zero strides is contiguous), which costs about
-    half the host time of new_empty or empty with a shape, dtype and device."""
-    __slots__ = ("fwd", "dq", "dkdv", "copy_qkv", "strides", "sizes", "drel_shape", "y_like", "lse_like", "drel_like")
+    that depends only on these. A plan holds no tensor: plans are cached across calls, and a tensor
+    allocated while torch.compile's CUDA graphs record (one-element buffer templates did, until a
+    test on an H200 saw it) would stay alive in their memory pool, which they refuse."""
+    __slots__ = ("fwd", "dq", "dkdv", "copy_qkv", "strides", "sizes", "drel_shape", "lse_shape")
 
     def __init__(self, q, k, v, rel_rows, kernel_size, dilation, padding, configs):
         B, H, W, heads, D = q.shape
@@ -835,10 +834,7 @@ class _OpPlan:
         # (an even D: (programs, 2, k, D / 2), the same memory, whose sum unbinds into both tables)
         self.drel_shape = ((1,) if rel_rows is None else (self.dq.programs, 2, kernel_size, D // 2) if D % 2 == 0
                            else (self.dq.programs, kernel_size * D))
-        template = lambda dtype, shape: torch.empty((), dtype=dtype, device=q.device).expand(shape)
-        self.y_like = template(q.dtype, q.shape)
-        self.lse_like = template(torch.float32, (B, heads, H, W))
-        self.drel_like = template(torch.float32, self.drel_shape)
+        self.lse_shape = (B, heads, H, W)
 
 
 _PLANS: dict = {}  # key -> (the tuning state its configs came from, _OpPlan)
@@ -949,8 +945,8 @@ def _fwd(q, k, v, rel_rows, rel_cols, kernel_size, dilation, scale, padding, y=N
     if plan is None:
         plan = _op_plan(q, k, v, rel_rows, kernel_size, dilation, padding, {"local_fwd": config})
     given = y is not None or lse is not None
-    y = torch.empty_like(plan.y_like) if y is None else y
-    lse = torch.empty_like(plan.lse_like) if lse is None else lse
+    y = q.new_empty(q.shape) if y is None else y
+    lse = q.new_empty(plan.lse_shape, dtype=torch.float32) if lse is None else lse
     if given and not (y.is_contiguous() and lse.is_contiguous()):
         raise ValueError("y and lse must be contiguous (the kernel writes them as such)")
     if plan.copy_qkv:
@@ -976,8 +972,8 @@ def _bwd(q, k, v, rel_rows, rel_cols, y, lse, dy, kernel_size, dilation, scale, 
     if plan is None:
         plan = _op_plan(q, k, v, rel_rows, kernel_size, dilation, padding,
                         {"local_bwd_dq": config_dq, "local_bwd_dkdv": config_dkdv})
-    # (three empty_like cost less host time than one allocation unbound)
-    dq, dk, dv = grads or (torch.empty_like(plan.y_like), torch.empty_like(plan.y_like), torch.empty_like(plan.y_like))
+    # (three allocations cost less host time than one unbound)
+    dq, dk, dv = grads or (q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape))
     if plan.copy_qkv:
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     if not y.is_contiguous():
@@ -986,7 +982,7 @@ def _bwd(q, k, v, rel_rows, rel_cols, y, lse, dy, kernel_size, dilation, scale, 
         dy = dy.contiguous()
     delta = torch.empty_like(lse)
     # Per-program partial gradients of the tables, fp32, plan.drel_shape, summed below.
-    drel = torch.empty_like(plan.drel_like)
+    drel = q.new_empty(plan.drel_shape, dtype=torch.float32)
     dq_args, dkdv_args = _bwd_args(plan, q, k, v, rel_rows, rel_cols, y, lse, dy, delta, dq, dk, dv, drel, scale)
     dq_plan, dkdv_plan = plan.dq, plan.dkdv
     if dq.stride(2) != heads * D:  # the parts of one dqkv
