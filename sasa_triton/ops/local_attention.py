@@ -945,7 +945,7 @@ def _fwd(q, k, v, rel_rows, rel_cols, kernel_size, dilation, scale, padding, y=N
     if plan is None:
         plan = _op_plan(q, k, v, rel_rows, kernel_size, dilation, padding, {"local_fwd": config})
     given = y is not None or lse is not None
-    y = q.new_empty(q.shape) if y is None else y
+    y = torch.empty_like(q, memory_format=torch.contiguous_format) if y is None else y
     lse = q.new_empty(plan.lse_shape, dtype=torch.float32) if lse is None else lse
     if given and not (y.is_contiguous() and lse.is_contiguous()):
         raise ValueError("y and lse must be contiguous (the kernel writes them as such)")
@@ -972,8 +972,10 @@ def _bwd(q, k, v, rel_rows, rel_cols, y, lse, dy, kernel_size, dilation, scale, 
     if plan is None:
         plan = _op_plan(q, k, v, rel_rows, kernel_size, dilation, padding,
                         {"local_bwd_dq": config_dq, "local_bwd_dkdv": config_dkdv})
-    # (three allocations cost less host time than one unbound)
-    dq, dk, dv = grads or (q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape))
+    # (three allocations cost less host time than one unbound; empty_like less than new_empty)
+    dq, dk, dv = grads or (torch.empty_like(q, memory_format=torch.contiguous_format),
+                           torch.empty_like(q, memory_format=torch.contiguous_format),
+                           torch.empty_like(q, memory_format=torch.contiguous_format))
     if plan.copy_qkv:
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     if not y.is_contiguous():
