@@ -14,6 +14,8 @@
 # bench (~5 min): the README's main command, `python -m sasa_triton.bench`, time-boxed.
 # fresh (~9 min): a bare machine's first call: the README's main command from empty Triton and
 #   Inductor caches, then the GPU-marked tests beside the quick check, then the host breakdown.
+# followup (~8 min): the k = 11 / 15 candidate sweeps (sharded) and the CUDA-graph test, the
+#   tuner's seconds per key, ncu at 14x14x256 and 56x56x64, the host path per call.
 # verify (~9.5 min): check's suite and quick check, then bench (no tuner, timings or ncu).
 # host (~8 min): tests/test_launch.py (the op's direct kernel launches against Triton's run,
 #   bitwise) beside bench/gpu_quick_check.py (float64, the defaults), bench/gpu_host_breakdown.py
@@ -117,6 +119,33 @@ if [[ "$what" == fresh ]]; then
   stamp "breakdown rc=$?"; grep -E " us$| ms$" "$OUT/breakdown.log"
 fi
 
+if [[ "$what" == followup ]]; then
+  # What the H200 run of 2026-11-30 15:45 UTC left: the candidate sweep at the k = 11 and 15 keys
+  # (now in shards) and the CUDA-graph test its fix is for, beside nothing else on the GPU; then
+  # the tuner's seconds per key, ncu of the three kernels where the forward is furthest from its
+  # roofline (14x14x256) and at 56x56x64, and the host path per call.
+  stamp "wide-window candidate sweep (shards) + the reduce-overhead test"
+  timeout -s INT "${SUITE_S:-220}" python -m pytest -q -p no:cacheprovider -n "${SUITE_WORKERS:-15}" \
+    --timeout 200 -rfE --junitxml="$OUT/junit.xml" tests/test_local_attention.py::test_gpu_every_candidate_config \
+    tests/test_torch_compile.py::test_gpu_reduce_overhead_training_steps_match_eager -k "k11 or k15 or reduce" \
+    >"$OUT/pytest.log" 2>&1
+  stamp "sweep rc=$?"; tail -n 6 "$OUT/pytest.log"
+  stamp "autotune (alone on the GPU)"
+  timeout "${TUNE_S:-150}" python -m sasa_triton.autotune --output "$OUT/tuned.json" --force >"$OUT/autotune.log" 2>&1
+  stamp "autotune rc=$?"; grep -E "best:|keeps its default|written| s\b" "$OUT/autotune.log" | tail -n 20
+  if command -v ncu >/dev/null; then
+    for shape in "32 14 14 8 32" "32 56 56 8 8"; do
+      timeout 45 ncu --clock-control none --section SpeedOfLight --section Occupancy --section LaunchStats \
+        --section WarpStateStats -k regex:_local_attn --launch-skip 3 --launch-count 3 python bench/gpu_profile.py $shape
+    done >"$OUT/ncu.txt" 2>&1
+    stamp "ncu done"
+    grep -E "_local_attn|Duration|Registers Per|Achieved Occupancy|Memory Throughput|Compute \(SM\)|Waves Per SM" \
+      "$OUT/ncu.txt" | head -60
+  fi
+  timeout 40 python -m sasa_triton.bench_host --gpu --shape 32 7 7 8 64 --calls 300 >"$OUT/host.log" 2>&1
+  stamp "host rc=$?"; cat "$OUT/host.log"
+fi
+
 if [[ "$what" == tune ]]; then
   stamp "backward kernels at smaller steps (occupancy against instructions)"
   timeout 90 python bench/gpu_step_sizes.py >"$OUT/steps.log" 2>&1
@@ -139,7 +168,7 @@ if [[ "$what" == bench || "$what" == all || "$what" == verify ]]; then
 fi
 
 size_kb=$(du -sk .triton_cache 2>/dev/null | cut -f1)
-if [[ "$what" != bench && "$what" != verify && "$what" != host && "$what" != fresh && -n "$size_kb" ]]; then
+if [[ "$what" != bench && "$what" != verify && "$what" != host && "$what" != fresh && "$what" != followup && -n "$size_kb" ]]; then
   tar czf "$OUT/triton_cache.tgz" .triton_cache
   if [[ $(du -k "$OUT/triton_cache.tgz" | cut -f1) -gt 15500 ]]; then  # 16 MiB a file comes back
     rm -f "$OUT/triton_cache.tgz"; stamp "Triton cache (${size_kb} KB) too large to bring back"
