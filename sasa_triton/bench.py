@@ -56,6 +56,9 @@ STAGES = (("56x56x64", 56, 64), ("28x28x128", 28, 128), ("14x14x256", 14, 256), 
 HEADS = 8
 PROVIDERS = ("sasa", "sasa_layer", "conv3x3", "conv_kxk", "dwconv_kxk", "reference", "flex")
 PASSES = ("fwd", "fwd+bwd")
+GRAPH_SUFFIX = " (CUDA graph)"
+# Layer rows timed again as CUDA-graph replays (on CUDA): the op, the layer and the conv it replaces.
+GRAPHED_PROVIDERS = ("sasa", "sasa_layer", "conv3x3")
 # The default plan: the passes a user wants first of each provider (--full runs both of all).
 DEFAULT_PASSES = {"sasa": PASSES, "sasa_layer": ("fwd+bwd",), "conv3x3": ("fwd+bwd",), "flex": ("fwd",),
                   "reference": PASSES}
@@ -319,6 +322,17 @@ def make_plan(args, device, device_name: str, bandwidth_gbps: float) -> tuple[li
                                                 f"(estimated from its memory traffic)", name, H, C, k, pass_)
                             continue
                     cases.append(Case("layer", provider, name, H, C, k, pass_))
+    # The op and the layers it is compared with once more, each call captured in a CUDA graph and
+    # replayed: the kernels' own time, without the per-call host time that an eager call costs
+    # (tens of us, more than the kernels from 28x28 down), for the targets that are the kernels'.
+    graphed = [c for c in cases if c.section == "layer" and c.provider in GRAPHED_PROVIDERS]
+    if device.type == "cuda":
+        cases += [Case(c.section, c.provider, c.shape, c.H, c.C, c.k, c.pass_ + GRAPH_SUFFIX) for c in graphed]
+    elif graphed:
+        note = "CUDA graphs: CUDA only"
+        log(f"layers (CUDA graph): left out: {note}")
+        left_out.append(Row("layer", device_name, dtype, "layers", "-", "-", args.batch, 0, 0, 0, "", "", "",
+                            "fwd/fwd+bwd" + GRAPH_SUFFIX, note=note))
     if args.models:
         S = args.image_size
         for name, stem in MODELS:  # the default plan: conv stems only
@@ -457,13 +471,16 @@ def _make_layer_case(case: Case, args, device, dtype):
 
 def _time_layer(row: Row, case: Case, setup, args, timer: Timer, dtype, bandwidth_gbps: float) -> None:
     fwd, inputs, row.backend, row.note = setup
-    backward = case.pass_ == "fwd+bwd"
+    graphed = case.pass_.endswith(GRAPH_SUFFIX)
+    backward = case.pass_.removesuffix(GRAPH_SUFFIX) == "fwd+bwd"
     if backward:
         fn = _grad_fn(fwd, inputs)
     else:
         def fn():
             with torch.no_grad():
                 return fwd()
+    if graphed:
+        fn = _captured(fn)
     row.ms_median, row.ms_p20, row.ms_p80 = timer(fn)
     row.peak_mem_mb = timer.peak_memory_mb(fn)
     elt = torch.empty((), dtype=dtype).element_size()
@@ -492,7 +509,6 @@ def _make_model(case: Case, args, device, dtype):
     return model, x, target, autocast, models.count_flops(model, (args.batch, 3, S, S))
 
 
-GRAPH_SUFFIX = " (CUDA graph)"
 CALLER_SUFFIX = " (backward on the calling thread)"  # torch.autograd.set_multithreading_enabled(False)
 
 
@@ -638,28 +654,33 @@ def target_summary(rows: list[Row], cpu: bool) -> str:
     def ratio(a, b):
         return a / b if a is not None and b is not None else None
 
-    table = [("stage", "k", "op fwd GB/s", "fwd / roofline (>= 35 %)", "op fwd+bwd / fwd (<= 3x)",
-              "layer fwd+bwd / conv3x3 fwd+bwd (<= 2x)")]
-    for shape in dict.fromkeys(r.shape for r in rows if r.section == "layer" and r.provider in ("sasa", "sasa_layer")):
-        ks = sorted({r.k for r in rows if r.section == "layer" and r.shape == shape and isinstance(r.k, int)
-                     and r.provider in ("sasa", "sasa_layer")})
-        for k in ks:
-            fwd = timed.get(("layer", "sasa", shape, k, "fwd"))
-            share = fwd.roofline_frac if fwd else None
-            bwd = ratio(ms("sasa", shape, k, "fwd+bwd"), ms("sasa", shape, k, "fwd"))
-            layer = ratio(ms("sasa_layer", shape, k, "fwd+bwd"), ms("conv3x3", shape, 3, "fwd+bwd"))
-            if share is None and bwd is None and layer is None:
-                continue
-            table.append((shape, str(k), _cell(fwd.gbps) if fwd else "-",
-                          f"{100 * share:.1f} % {_verdict(share, TARGETS['fwd_roofline'], True)}" if share else "-",
-                          f"{bwd:.2f}x {_verdict(bwd, TARGETS['bwd_over_fwd'], False)}" if bwd else "-",
-                          f"{layer:.2f}x {_verdict(layer, TARGETS['layer_over_conv'], False)}" if layer else "-"))
     lines = ["Issue-12 targets (set for k = 7; ratios within this run; ok = target met):"]
     if cpu:
         lines.append("(CPU run: the op here is the reference path; the targets are for the GPU kernels)")
-    if len(table) > 1:
-        widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
-        lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in table]
+    stages = list(dict.fromkeys(r.shape for r in rows if r.section == "layer" and r.provider in ("sasa", "sasa_layer")))
+    for suffix in ("", GRAPH_SUFFIX):
+        table = [("stage", "k", "op fwd GB/s", "fwd / roofline (>= 35 %)", "op fwd+bwd / fwd (<= 3x)",
+                  "layer fwd+bwd / conv3x3 fwd+bwd (<= 2x)")]
+        for shape in stages:
+            ks = sorted({r.k for r in rows if r.section == "layer" and r.shape == shape and isinstance(r.k, int)
+                         and r.provider in ("sasa", "sasa_layer")})
+            for k in ks:
+                fwd = timed.get(("layer", "sasa", shape, k, "fwd" + suffix))
+                share = fwd.roofline_frac if fwd else None
+                bwd = ratio(ms("sasa", shape, k, "fwd+bwd" + suffix), ms("sasa", shape, k, "fwd" + suffix))
+                layer = ratio(ms("sasa_layer", shape, k, "fwd+bwd" + suffix),
+                              ms("conv3x3", shape, 3, "fwd+bwd" + suffix))
+                if share is None and bwd is None and layer is None:
+                    continue
+                table.append((shape, str(k), _cell(fwd.gbps) if fwd else "-",
+                              f"{100 * share:.1f} % {_verdict(share, TARGETS['fwd_roofline'], True)}" if share else "-",
+                              f"{bwd:.2f}x {_verdict(bwd, TARGETS['bwd_over_fwd'], False)}" if bwd else "-",
+                              f"{layer:.2f}x {_verdict(layer, TARGETS['layer_over_conv'], False)}" if layer else "-"))
+        if len(table) > 1:
+            if suffix:
+                lines.append("Each call replayed from a CUDA graph (the kernels without the per-call host time):")
+            widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
+            lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in table]
     for depth in (26, 50):
         for suffix in ("", CALLER_SUFFIX, GRAPH_SUFFIX):
             parts = []

@@ -57,7 +57,8 @@ def test_quick_cpu_run_writes_csv_table_and_plots(tmp_path, monkeypatch, capsys)
     assert all(r["backend"] == "reference" and "reference path" in r["note"] and r["k"] == 7 for r in sasa)
     # Providers that do not run on a CPU are kept as one row with the reason.
     skipped = {r["provider"]: r["note"] for r in rows if r["section"] == "layer" and r["ms_median"] is None}
-    assert set(skipped) == {"reference", "flex"} and all(skipped.values())
+    assert set(skipped) == {"reference", "flex", "layers"} and all(skipped.values())
+    assert skipped["layers"] == "CUDA graphs: CUDA only"
     for r in rows:
         if r["section"] == "layer" and r["ms_median"] is not None:
             assert r["ms_p20"] <= r["ms_median"] <= r["ms_p80"]
@@ -114,10 +115,15 @@ def test_default_plan_rows(monkeypatch):
     cases, left_out = bench.make_plan(args, torch.device("cuda"), "gpu", bandwidth_gbps=3000.0)
     assert left_out == []
     layer = {(c.provider, c.shape, c.k, c.pass_) for c in cases if c.section == "layer"}
+    graphed = {("sasa", "fwd"), ("sasa", "fwd+bwd"), ("sasa_layer", "fwd+bwd"), ("conv3x3", "fwd+bwd")}
     for name, _, _ in bench.STAGES:
-        assert {(p, s) for p, s_, k, s in layer if s_ == name} == {
-            ("sasa", "fwd"), ("sasa", "fwd+bwd"), ("sasa_layer", "fwd+bwd"), ("conv3x3", "fwd+bwd"), ("flex", "fwd"),
-            ("reference", "fwd"), ("reference", "fwd+bwd")}
+        assert {(p, s) for p, s_, k, s in layer if s_ == name} == graphed | {
+            ("flex", "fwd"), ("reference", "fwd"), ("reference", "fwd+bwd")} | {
+            (p, s + bench.GRAPH_SUFFIX) for p, s in graphed}
+    # The graph replays after every eager layer row (a failed capture spoils no eager row), before the models.
+    layer_passes = [c.pass_ for c in cases if c.section == "layer"]
+    first_graphed = next(i for i, s in enumerate(layer_passes) if s.endswith(bench.GRAPH_SUFFIX))
+    assert all(s.endswith(bench.GRAPH_SUFFIX) for s in layer_passes[first_graphed:])
     assert {k for p, _, k, _ in layer} == {3, 7} and {k for p, _, k, _ in layer if p == "conv3x3"} == {3}
     models = [(c.name, c.pass_) for c in cases if c.section == "model"]
     eager = [("resnet50", "inference"), ("resnet50", "training"),
@@ -126,7 +132,7 @@ def test_default_plan_rows(monkeypatch):
     caller = [(name, pass_ + bench.CALLER_SUFFIX) for name, pass_ in eager if pass_ == "training"]
     assert models == eager + caller + [(name, pass_ + bench.GRAPH_SUFFIX) for name, pass_ in eager]
     assert [c.section for c in cases[-4:]] == ["model"] * 4 and cases[-1].pass_.endswith(bench.GRAPH_SUFFIX)
-    assert len(cases) == 38
+    assert len(cases) == 54
     # The full plan: conv_kxk at k = 3 would be conv3x3 again, so it is left out.
     cases, _ = bench.make_plan(_resolved(["--full"], "cuda"), torch.device("cuda"), "gpu", 3000.0)
     assert not [c for c in cases if c.provider == "conv_kxk" and c.k == 3]
@@ -178,12 +184,24 @@ def test_target_summary_reads_the_issue_12_ratios():
             _model_row("resnet50", "training", 1000.0), _model_row("sasa_resnet50(conv stem)", "training", 800.0),
             _model_row("resnet50", "inference", 1000.0), _model_row("sasa_resnet50(conv stem)", "inference", 500.0)]
     text = bench.target_summary(rows, cpu=False)
-    line = next(s for s in text.splitlines() if s.startswith("56x56x64"))
+    line = line_eager = next(s for s in text.splitlines() if s.startswith("56x56x64"))
     assert "40.0 % ok" in line and "4.00x miss" in line and "1.50x ok" in line
     line = next(s for s in text.splitlines() if s.startswith("7x7x512"))
     assert "5.0 % miss" in line and line.count(" - ") + line.endswith(" -") >= 1
     assert "training 0.80x (>= 0.75x: ok)" in text and "inference 0.50x (>= 0.6x: miss)" in text
     assert "CPU run" in bench.target_summary(rows, cpu=True)
+    assert "CUDA graph" not in text  # no graph rows, no second table
+    # The same ratios of the graph replays, in a second table under its own line.
+    graph = bench.GRAPH_SUFFIX
+    rows += [_layer_row("sasa", "56x56x64", 7, "fwd" + graph, 0.05, roofline_frac=0.8),
+             _layer_row("sasa", "56x56x64", 7, "fwd+bwd" + graph, 0.125),
+             _layer_row("sasa_layer", "56x56x64", 7, "fwd+bwd" + graph, 0.5),
+             _layer_row("conv3x3", "56x56x64", 3, "fwd+bwd" + graph, 0.2)]
+    lines = bench.target_summary(rows, cpu=False).splitlines()
+    eager, replayed = [i for i, s in enumerate(lines) if s.startswith("56x56x64")]
+    assert lines[eager] == line_eager
+    assert any("CUDA graph" in s for s in lines[eager:replayed])
+    assert "80.0 % ok" in lines[replayed] and "2.50x ok" in lines[replayed] and "2.50x miss" in lines[replayed]
 
 
 def test_config_source_names_the_configs_and_sets_nothing(monkeypatch):
@@ -332,8 +350,9 @@ def test_default_plan_cli_on_gpu(tmp_path):
     rows = load_csv(out / "results.csv")
     layer = {(r["provider"], r["shape"], r["pass"]): r for r in rows if r["section"] == "layer"}
     for name, _, _ in bench.STAGES:
-        for provider, pass_ in (("sasa", "fwd"), ("sasa", "fwd+bwd"), ("sasa_layer", "fwd+bwd"), ("conv3x3", "fwd+bwd"),
-                                ("reference", "fwd"), ("reference", "fwd+bwd")):
+        graphed = [("sasa", "fwd"), ("sasa", "fwd+bwd"), ("sasa_layer", "fwd+bwd"), ("conv3x3", "fwd+bwd")]
+        for provider, pass_ in graphed + [(p, s + bench.GRAPH_SUFFIX) for p, s in graphed] + [
+                ("reference", "fwd"), ("reference", "fwd+bwd")]:
             r = layer[(provider, name, pass_)]
             assert r["ms_median"] is not None and r["peak_mem_mb"] > 0, f"{provider} {name} {pass_}: {r['note']}"
         if flex_available():
@@ -406,6 +425,43 @@ def test_cuda_graph_training_step_follows_the_capture_recipe(monkeypatch):
     assert events == ["side stream", *warm, "main stream", "grads None", "capture begins", "step", "capture ends",
                       "replay"]
     assert row.ms_median == 1.0 and row.images_per_s == 2 / 1e-3
+
+
+@pytest.mark.parametrize("pass_", ["fwd", "fwd+bwd"])
+def test_graphed_layer_rows_time_the_replay_of_one_captured_call(monkeypatch, pass_):
+    """A layer row "(CUDA graph)" captures the eager row's call once (the capture recipe of the
+    model rows, bench._captured) and times the graph's replays, counting the same work. Checked on
+    the CPU with the capture replaced by a recorder."""
+    steps, events = [], []
+
+    def captured(step, prepare=lambda: None, warmup=3):
+        steps.append(step)
+        return lambda: events.append("replay")
+
+    class Timer:
+        mode = "quick"
+
+        def __call__(self, fn, **kwargs):
+            fn()
+            return 1.0, 0.9, 1.1
+
+        def peak_memory_mb(self, fn):
+            return None
+
+    monkeypatch.setattr(bench, "_captured", captured)
+    args = type("Args", (), {"batch": 2})()
+    results = {}
+    for suffix in ("", bench.GRAPH_SUFFIX):
+        case = bench.Case("layer", "sasa", "6x6x16", 6, 16, 3, pass_ + suffix)
+        row = bench.Row("layer", "cpu", "fp32", "sasa", "", case.shape, 2, 6, 6, 16, 8, 2, 3, case.pass_)
+        setup = bench._make_layer_case(case, args, torch.device("cpu"), torch.float32)
+        bench._time_layer(row, case, setup, args, Timer(), torch.float32, 100.0)
+        results[suffix] = row
+    assert len(steps) == 1 and events == ["replay"]  # the eager row captured nothing
+    out = steps[0]()  # what was captured: the eager row's call
+    assert (out is None) == (pass_ == "fwd+bwd") and (out is None or not out.requires_grad)
+    eager, graphed = results[""], results[bench.GRAPH_SUFFIX]
+    assert graphed.gflop == eager.gflop and graphed.mbytes == eager.mbytes and graphed.ms_median == 1.0
 
 
 def test_caller_thread_training_rows_time_with_autograd_multithreading_off():
