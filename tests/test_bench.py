@@ -363,6 +363,18 @@ def test_default_plan_cli_on_gpu(tmp_path):
                for p in ("inference", "training")), models
 
 
+class OneCallTimer:
+    """bench.Timer's interface for the CPU tests: calls fn once, returns fixed quantiles."""
+    mode = "quick"
+
+    def __call__(self, fn, **kwargs):
+        fn()
+        return 1.0, 0.9, 1.1
+
+    def peak_memory_mb(self, fn):
+        return None
+
+
 def test_cuda_graph_training_step_follows_the_capture_recipe(monkeypatch):
     """The graphed model rows (CUDA only) as PyTorch's whole-network capture recipe has them:
     warm-up steps on a side stream with the gradients set to None before each, None again before
@@ -406,17 +418,7 @@ def test_cuda_graph_training_step_follows_the_capture_recipe(monkeypatch):
 
     monkeypatch.setattr(torch.optim.SGD, "step", step)
     monkeypatch.setattr(torch.optim.SGD, "zero_grad", zero_grad)
-    class Timer:
-        mode = "quick"
-
-        def __call__(self, fn, **kwargs):
-            fn()
-            return 1.0, 0.9, 1.1
-
-        def peak_memory_mb(self, fn):
-            return None
-
-    timer = Timer()
+    timer = OneCallTimer()
     case = bench.Case("model", "resnet26", "8x8", 8, 3, "", "training" + bench.GRAPH_SUFFIX)
     row = bench.Row("model", "cpu", "fp32", "resnet26", "-", "8x8", 2, 8, 8, 3, "", "", "", case.pass_)
     args = type("Args", (), {"batch": 2})()
@@ -438,16 +440,6 @@ def test_graphed_layer_rows_time_the_replay_of_one_captured_call(monkeypatch, pa
         steps.append(step)
         return lambda: events.append("replay")
 
-    class Timer:
-        mode = "quick"
-
-        def __call__(self, fn, **kwargs):
-            fn()
-            return 1.0, 0.9, 1.1
-
-        def peak_memory_mb(self, fn):
-            return None
-
     monkeypatch.setattr(bench, "_captured", captured)
     args = type("Args", (), {"batch": 2})()
     results = {}
@@ -455,7 +447,7 @@ def test_graphed_layer_rows_time_the_replay_of_one_captured_call(monkeypatch, pa
         case = bench.Case("layer", "sasa", "6x6x16", 6, 16, 3, pass_ + suffix)
         row = bench.Row("layer", "cpu", "fp32", "sasa", "", case.shape, 2, 6, 6, 16, 8, 2, 3, case.pass_)
         setup = bench._make_layer_case(case, args, torch.device("cpu"), torch.float32)
-        bench._time_layer(row, case, setup, args, Timer(), torch.float32, 100.0)
+        bench._time_layer(row, case, setup, args, OneCallTimer(), torch.float32, 100.0)
         results[suffix] = row
     assert len(steps) == 1 and events == ["replay"]  # the eager row captured nothing
     out = steps[0]()  # what was captured: the eager row's call
@@ -469,16 +461,11 @@ def test_caller_thread_training_rows_time_with_autograd_multithreading_off():
     engine's device threads off, and leave the flag as it was; the other rows leave it alone."""
     seen = []
 
-    class Timer:
-        mode = "quick"
-
+    class Timer(OneCallTimer):
         def __call__(self, fn, **kwargs):
-            fn()
+            quantiles = super().__call__(fn)
             seen.append(torch._C._is_multithreading_enabled())
-            return 1.0, 0.9, 1.1
-
-        def peak_memory_mb(self, fn):
-            return None
+            return quantiles
 
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 10))
     x, target = torch.randn(2, 3, 8, 8), torch.tensor([1, 2])
