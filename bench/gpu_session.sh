@@ -33,7 +33,10 @@
 #
 # Seen on an H200 VM (2026-11-29): the whole suite takes about 5 minutes of 16 workers, most of
 # it compiling (the 72-case GPU grid compiles three kernels per case), so a 15-minute lease does
-# not hold the suite, the tuner and the benchmark together. Triton's cache is kept in
+# not hold the suite, the tuner and the benchmark together. 2026-11-30: a bare machine starts in
+# about 40 s; the cold benchmark took 91 s; the GPU-marked tests alone did not finish in 265 s of
+# 15 workers (100 of 129; the rest took another 280 s, the k = 11 / 15 candidate sweeps over
+# 250 s each before they were sharded). Triton's cache is kept in
 # ./.triton_cache and comes back as $OUT/triton_cache.tgz: unpack it into the checkout and name
 # .triton_cache in the next call's `carry`, and that call compiles only what changed.
 # Record every figure in bench/RESULTS.md with the card, date, command and commit.
