@@ -769,11 +769,10 @@ def test_gpu_every_candidate_config(dtype, H, D, k, shard):
     B, heads = 2, 8
     inputs, dy = make_inputs(B, H, H, heads, D, k, "shared", "cuda", dtype)
     options = dict(kernel_size=k, dilation=1, scale=1.0, padding="zeros")
-    per_kernel = {kernel: candidates(kernel, k, 1, D, dtype, H, H) for kernel in KERNELS}
     # zip_longest pairs the i-th candidates; the same slice of every list keeps those pairs whole
-    longest = max(map(len, per_kernel.values()))
-    padded = {kernel: configs + [None] * (longest - len(configs)) for kernel, configs in per_kernel.items()}
-    per_kernel = {kernel: configs[:1] + configs[1 + shard::CANDIDATE_SHARDS]
-                  for kernel, configs in padded.items()}
+    per_kernel = {}
+    for kernel in KERNELS:
+        configs = candidates(kernel, k, 1, D, dtype, H, H)
+        per_kernel[kernel] = configs[:1] + configs[1 + shard::CANDIDATE_SHARDS]
     failures = check_candidates(inputs, dy, options, per_kernel, dtype)
     assert not failures, f"{len(failures)} failing candidate combinations:\n" + "\n".join(failures)
