@@ -61,12 +61,19 @@ class KernelLaunch:
     TRITON_INTERPRET=1, on the opt-in triton_op path, with Triton's pre-run or stage-inspection
     hooks set, while the kernel's run is replaced (the tuner's compile-only launches), and with
     SASA_TRITON_DIRECT_LAUNCH=0; a launch that returns no compiled kernel (under Triton's
-    AsyncCompileMode) keeps nothing."""
-    __slots__ = ("kernel", "grid", "meta", "constexprs", "runners")
+    AsyncCompileMode) keeps nothing.
 
-    def __init__(self, kernel, grid, meta):
+    `device`: the CUDA device index of the tensors launched on (-1: none, the interpreter's CPU
+    tensors). Triton launches on the current device, so a launch on tensors of another device
+    (cuda:1 while cuda:0 is current) runs under torch.cuda.device of theirs, as a PyTorch op's
+    device guard would: on the current one it would read memory of another GPU, or fault, on a
+    stream their next op does not wait for."""
+    __slots__ = ("kernel", "grid", "meta", "device", "constexprs", "runners")
+
+    def __init__(self, kernel, grid, meta, device: int = -1):
         self.kernel, self.grid = kernel, (*grid, *(1,) * (3 - len(grid)))  # the runner reads three
         self.meta = {**meta, **LAUNCH_OPTIONS}
+        self.device = device
         self.constexprs = None
         self.runners = {}
 
@@ -74,9 +81,17 @@ class KernelLaunch:
         kernel = self.kernel
         # (an instance attribute "run" replaces Triton's run: the tuner's compile-only launches)
         if not DIRECT_LAUNCH or "run" in kernel.__dict__ or kernel.pre_run_hooks or _stage_hook():
+            if self.device >= 0 and not _USE_TRITON_OP and torch.cuda.current_device() != self.device:
+                with torch.cuda.device(self.device):
+                    launchable(kernel)[self.grid](*args, **self.meta)
+                return
             launchable(kernel)[self.grid](*args, **self.meta)
             return
         device = _driver.active.get_current_device()
+        if device != self.device and self.device >= 0:
+            with torch.cuda.device(self.device):
+                self(args)
+            return
         # What Triton specializes a compiled kernel on, or more: a tensor's dtype and whether its
         # address is a multiple of 16, a float's type (never its value), anything else's value.
         key = (device, *[(arg.dtype, not arg.data_ptr() & 15) if isinstance(arg, _Tensor) else arg
@@ -105,13 +120,14 @@ _LAUNCHES: dict = {}
 def launch(kernel, grid, args, meta) -> None:
     """kernel[grid](*args, **meta) through the KernelLaunch of (kernel, grid, meta), kept per key:
     for the ops without cached launch plans (the attention stem's)."""
+    device = next((arg.get_device() for arg in args if isinstance(arg, _Tensor)), -1)
     try:  # (types too: 1, 1.0 and True are equal keys, not equal constexprs)
-        key = (kernel, *grid, *[(name, value, type(value)) for name, value in meta.items()])
+        key = (kernel, device, *grid, *[(name, value, type(value)) for name, value in meta.items()])
         kernel_launch = _LAUNCHES.get(key)
     except TypeError:  # a meta value that cannot be hashed
         key = kernel_launch = None
     if kernel_launch is None:
-        kernel_launch = KernelLaunch(kernel, grid, meta)
+        kernel_launch = KernelLaunch(kernel, grid, meta, device)
         if key is not None:
             if len(_LAUNCHES) >= 4096:
                 _LAUNCHES.clear()

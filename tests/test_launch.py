@@ -7,11 +7,14 @@ launches with Triton's (same compiled kernel, same tensors, grid, stream, functi
 also across a change of specialization (a table's dtype, a misaligned tensor). With a GPU the
 whole suite runs on the direct launches.
 """
+import contextlib
 import os
 import subprocess
 import sys
+import types
 
 import pytest
+import torch
 
 import sasa_triton._library as library
 
@@ -41,12 +44,70 @@ def test_direct_launch_switch():
     assert library.DIRECT_LAUNCH == (wanted and not interpreted and not library._USE_TRITON_OP)
 
 
+@pytest.mark.parametrize("direct", [True, False])
+def test_launches_run_on_their_tensors_device(direct, monkeypatch):
+    """Triton launches on the current device: a launch on tensors of another device runs under
+    torch.cuda.device of theirs (and the current device is restored); on the current device, or
+    for CPU tensors (device -1), the current device is left as it is. A stand-in driver and
+    kernel record the device each launch sees."""
+    current, seen = [0], []
+
+    @contextlib.contextmanager
+    def device_guard(index):
+        before, current[0] = current[0], index
+        try:
+            yield
+        finally:
+            current[0] = before
+
+    driver = types.SimpleNamespace(get_current_device=lambda: current[0], get_current_stream=lambda device: 0)
+    monkeypatch.setattr(library, "_driver", types.SimpleNamespace(active=driver))
+    monkeypatch.setattr(torch.cuda, "device", device_guard)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
+    monkeypatch.setattr(library, "DIRECT_LAUNCH", direct)
+
+    class Kernel:
+        pre_run_hooks = []
+
+        def __getitem__(self, grid):
+            return lambda *args, **meta: seen.append(current[0])
+
+    for device in (1, 0, -1, 2):
+        library.KernelLaunch(Kernel(), (1,), {}, device)([torch.zeros(1), 3])
+    assert seen == [1, 0, 0, 2] and current == [0]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_gpu_op_on_another_device_than_the_current_one():
+    """The op on cuda:1 while cuda:0 is current computes bitwise what it computes with cuda:1
+    current (forward and every gradient)."""
+    import sasa_triton
+
+    gen = torch.Generator(device="cuda:1").manual_seed(0)
+    qkv = torch.randn(2, 13, 11, 3, 4, 32, device="cuda:1", generator=gen).to(torch.bfloat16)
+    tables = [torch.randn(7, 16, device="cuda:1", generator=gen) for _ in range(2)]
+    dy = torch.randn(2, 13, 11, 4, 32, device="cuda:1", generator=gen).to(torch.bfloat16)
+
+    def run():
+        leaves = [t.detach().clone().requires_grad_(True) for t in (*qkv.unbind(3), *tables)]
+        y = sasa_triton.local_attention2d(*leaves, kernel_size=7)
+        return [y.detach(), *torch.autograd.grad(y, leaves, dy)]
+
+    with torch.cuda.device(1):
+        expected = run()
+    with torch.cuda.device(0):
+        got = run()
+        torch.cuda.synchronize(1)
+    for name, a, b in zip(("y", "dq", "dk", "dv", "drel_rows", "drel_cols"), got, expected):
+        assert torch.equal(a, b), name
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_gpu_direct_launches_compute_what_triton_launches_compute(dtype, monkeypatch):
     """On the card: the op's forward and every gradient, launched directly (the second call of a
     shape on), are bitwise those of launches through Triton's run (the kernels are deterministic)."""
-    import torch
     import sasa_triton
 
     if not library.DIRECT_LAUNCH:

@@ -788,7 +788,7 @@ class _Plan:
             groups //= self.meta["HEADS_PER_PROGRAM"]
         self.grid = (groups, triton.cdiv(H, config["BLOCK_H"]), triton.cdiv(W, config["BLOCK_W"]))
         self.programs = self.grid[0] * self.grid[1] * self.grid[2]
-        self.launch = KernelLaunch(_KERNEL_FNS[kernel], self.grid, self.meta)
+        self.launch = KernelLaunch(_KERNEL_FNS[kernel], self.grid, self.meta, q.get_device())
 
     def with_packed_grads(self) -> "_Plan":
         """This backward kernel's plan writing its gradients into the parts of a (B, H, W, 3,
@@ -796,7 +796,7 @@ class _Plan:
         if self.packed is None:
             self.packed = copy.copy(self)
             self.packed.meta = {**self.meta, "GRAD_PACK": 3}
-            self.packed.launch = KernelLaunch(self.launch.kernel, self.grid, self.packed.meta)
+            self.packed.launch = KernelLaunch(self.launch.kernel, self.grid, self.packed.meta, self.launch.device)
         return self.packed
 
 
