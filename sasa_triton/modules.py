@@ -91,9 +91,8 @@ class SelfAttention2d(nn.Module):
         nn.init.normal_(self.rel_rows, std=self.head_dim ** -0.5)
         nn.init.normal_(self.rel_cols, std=self.head_dim ** -0.5)
 
-    def _check_input(self, x) -> None:
+    def _check_input(self, x, weight) -> None:
         check_image_input(x, self.in_channels)
-        weight = self.qkv.weight
         if not x.is_floating_point():
             raise TypeError(f"x must be a floating-point tensor (float16, bfloat16, float32 or float64), "
                             f"got dtype {x.dtype}")
@@ -113,12 +112,13 @@ class SelfAttention2d(nn.Module):
                             f"use backend='reference' for float64 (backend is {self.backend!r})")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
-        qkv = self.qkv(x)
+        projection = self.qkv  # (a submodule's lookup goes through nn.Module.__getattr__: once)
+        self._check_input(x, projection.weight)
+        qkv = projection(x)
         B, _, H, W = qkv.shape
         # (B, 3C, H, W) -> (B, H, W, 3, heads, D): a view; free of copies for channels_last x,
         # strided (the kernels take strides) for NCHW x.
-        qkv = qkv.permute(0, 2, 3, 1).unflatten(-1, (3, self.heads, self.head_dim))
+        qkv = qkv.permute(0, 2, 3, 1).view(B, H, W, 3, self.heads, self.head_dim)
         q, k, v = qkv.unbind(dim=3)
         y = local_attention2d(q, k, v, self.rel_rows, self.rel_cols, kernel_size=self.kernel_size,
                               dilation=self.dilation, scale=self.scale, padding=self.padding,
