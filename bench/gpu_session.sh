@@ -16,7 +16,7 @@
 #   Inductor caches, then the GPU-marked tests beside the quick check, then the host breakdown.
 # followup (~9 min): the README's main command from cold caches (now with graph-replayed layer
 #   rows), the k = 11 / 15 candidate sweeps (sharded) and the CUDA-graph test, the tuner's seconds
-#   per key, ncu at 14x14x256 and 56x56x64, the host path per call.
+#   per key, ncu at 14x14x256 and 56x56x64, an eager model step's host time module by module.
 # verify (~9.5 min): check's suite and quick check, then bench (no tuner, timings or ncu).
 # host (~8 min): tests/test_launch.py (the op's direct kernel launches against Triton's run,
 #   bitwise) beside bench/gpu_quick_check.py (float64, the defaults), bench/gpu_host_breakdown.py
@@ -127,22 +127,23 @@ if [[ "$what" == followup ]]; then
   # What the H200 run of 2026-11-30 15:45 UTC left: the benchmark's graph-replayed layer rows
   # (alone on the GPU, cold caches), the candidate sweep at the k = 11 and 15 keys (now in shards)
   # and the CUDA-graph test its fix is for; then the tuner's seconds per key, ncu of the three
-  # kernels where the forward is furthest from its roofline (14x14x256) and at 56x56x64, and the
-  # host path per call. Files back: bench.log, bench.tgz, pytest.log, junit.xml, autotune.log,
-  # tuned.json, ncu.txt, host.log (8).
+  # kernels where the forward is furthest from its roofline (14x14x256) and at 56x56x64, and
+  # where an eager SASA-ResNet-50 step's host time goes, module by module (bench/gpu_model_host.py;
+  # the op's own host path per call was measured twice that day). Files back: bench.log,
+  # bench.tgz, pytest.log, junit.xml, autotune.log, tuned.json, ncu.txt, host.log (8).
   rm -rf .triton_cache ~/.triton/cache "/tmp/torchinductor_$(whoami)"; mkdir -p .triton_cache
   stamp "README main command, cold caches (the layer rows also replayed from CUDA graphs)"
   ( time timeout "${BENCH_S:-150}" python -m sasa_triton.bench --out "$OUT/bench" ) >"$OUT/bench.log" 2>&1
   stamp "bench rc=$?"; sed -n '/^Issue-12/,$p' "$OUT/bench.log"; tail -n 4 "$OUT/bench.log"
   tar czf "$OUT/bench.tgz" -C "$OUT" bench && rm -rf "$OUT/bench"
   stamp "wide-window candidate sweep (shards) + the reduce-overhead test"
-  timeout -s INT "${SUITE_S:-200}" python -m pytest -q -p no:cacheprovider -n "${SUITE_WORKERS:-15}" \
-    --timeout 200 -rfE --junitxml="$OUT/junit.xml" tests/test_local_attention.py::test_gpu_every_candidate_config \
+  timeout -s INT "${SUITE_S:-180}" python -m pytest -q -p no:cacheprovider -n "${SUITE_WORKERS:-15}" \
+    --timeout 170 -rfE --junitxml="$OUT/junit.xml" tests/test_local_attention.py::test_gpu_every_candidate_config \
     tests/test_torch_compile.py::test_gpu_reduce_overhead_training_steps_match_eager -k "k11 or k15 or reduce" \
     >"$OUT/pytest.log" 2>&1
   stamp "sweep rc=$?"; tail -n 6 "$OUT/pytest.log"
   stamp "autotune (alone on the GPU)"
-  timeout "${TUNE_S:-100}" python -m sasa_triton.autotune --output "$OUT/tuned.json" --force >"$OUT/autotune.log" 2>&1
+  timeout "${TUNE_S:-90}" python -m sasa_triton.autotune --output "$OUT/tuned.json" --force >"$OUT/autotune.log" 2>&1
   stamp "autotune rc=$?"; grep -E "best:|keeps its default|written| s\b" "$OUT/autotune.log" | tail -n 20
   if command -v ncu >/dev/null; then
     for shape in "32 14 14 8 32" "32 56 56 8 8"; do
@@ -153,8 +154,8 @@ if [[ "$what" == followup ]]; then
     grep -E "_local_attn|Duration|Registers Per|Achieved Occupancy|Memory Throughput|Compute \(SM\)|Waves Per SM" \
       "$OUT/ncu.txt" | head -60
   fi
-  timeout 40 python -m sasa_triton.bench_host --gpu --shape 32 7 7 8 64 --calls 300 >"$OUT/host.log" 2>&1
-  stamp "host rc=$?"; cat "$OUT/host.log"
+  timeout 40 python bench/gpu_model_host.py >"$OUT/host.log" 2>&1
+  stamp "model host rc=$?"; cat "$OUT/host.log"
 fi
 
 if [[ "$what" == tune ]]; then
