@@ -139,7 +139,8 @@ if [[ "$what" == followup ]]; then
   stamp "wide-window candidate sweep (shards) + the reduce-overhead test"
   timeout -s INT "${SUITE_S:-180}" python -m pytest -q -p no:cacheprovider -n "${SUITE_WORKERS:-15}" \
     --timeout 170 -rfE --junitxml="$OUT/junit.xml" tests/test_local_attention.py::test_gpu_every_candidate_config \
-    tests/test_torch_compile.py::test_gpu_reduce_overhead_training_steps_match_eager -k "k11 or k15 or reduce" \
+    tests/test_torch_compile.py::test_gpu_reduce_overhead_training_steps_match_eager tests/test_launch.py \
+    -k "k11 or k15 or reduce or launch or device" \
     >"$OUT/pytest.log" 2>&1
   stamp "sweep rc=$?"; tail -n 6 "$OUT/pytest.log"
   stamp "autotune (alone on the GPU)"

@@ -34,13 +34,20 @@ CALLS = []  # (launcher, args) of every recorded launch
 
 
 class _Launcher:
-    """Takes a compiled kernel's launch (grid, stream, function, metadata, hooks, *args)."""
+    """Takes a compiled kernel's launch (grid x 3, stream, function, packed metadata, launch
+    metadata, enter hook, exit hook, *args) and, as Triton's C launcher does, calls each hook that
+    is not None with the launch metadata around the launch it records."""
 
     def __init__(self, src, metadata):
         self.name = metadata.name
 
     def __call__(self, *args):
+        launch_metadata, enter_hook, exit_hook = args[6:9]
+        if enter_hook is not None:
+            enter_hook(launch_metadata)
         CALLS.append((self, args))
+        if exit_hook is not None:
+            exit_hook(launch_metadata)
 
 
 class _Utils:
@@ -148,10 +155,47 @@ def _same(x, y) -> bool:
     return x == y
 
 
+def _hooks(args):
+    """A launch's (launch metadata, enter hook, exit hook), or None where neither hook would call
+    anything (None, or Triton's empty hook chains: the metadata is built for them alone)."""
+    if _library._hook_set(args[7]) or _library._hook_set(args[8]):
+        return args[6:9]
+    return None
+
+
 def _same_call(a, b) -> bool:
-    """Same launcher (compiled kernel) and the same arguments: tensors the same objects."""
+    """Same launcher (compiled kernel) and the same arguments: tensors the same objects; the
+    launch metadata and hooks the same, or calling nothing in both (a direct launch passes None
+    where Triton's runner passes its empty hook chains and the metadata built for them)."""
     (launcher_a, args_a), (launcher_b, args_b) = a, b
-    return launcher_a is launcher_b and len(args_a) == len(args_b) and all(map(_same, args_a, args_b))
+    hooks_a, hooks_b = _hooks(args_a), _hooks(args_b)
+    return (launcher_a is launcher_b and len(args_a) == len(args_b)
+            and all(map(_same, args_a[:6] + args_a[9:], args_b[:6] + args_b[9:]))
+            and (hooks_a is None and hooks_b is None
+                 or hooks_a is not None and hooks_b is not None and all(map(_same, hooks_a, hooks_b))))
+
+
+@contextlib.contextmanager
+def _launch_enter_hook(hook):
+    """hook set as Triton's launch enter hook while inside (a profiler's way in)."""
+    from triton.compiler import CompiledKernel
+
+    knobs = getattr(getattr(triton, "knobs", None), "runtime", None)  # Triton >= 3.4
+    chain = getattr(knobs, "launch_enter_hook", None)
+    if hasattr(chain, "add"):  # a hook chain (3.6-3.9)
+        chain.add(hook)
+        try:
+            yield
+        finally:
+            chain.remove(hook)
+        return
+    owner = knobs if knobs is not None else CompiledKernel
+    before = owner.launch_enter_hook
+    owner.launch_enter_hook = hook
+    try:
+        yield
+    finally:
+        owner.launch_enter_hook = before
 
 
 def check(shape=(1, 9, 11, 4, 16)) -> list:
@@ -174,6 +218,15 @@ def check(shape=(1, 9, 11, 4, 16)) -> list:
         expect(own[1][3] == STREAM, f"{name}: launched on the current stream")
         expect(len(own[1]) == 9 + len(launch.kernel.arg_names),
                f"{name}: every kernel parameter, constexprs included, reaches the launcher")
+        expect(direct[1][1][6:9] == (None, None, None), f"{name}: no launch hook set, the direct launch passes none")
+        # With a launch hook set (a profiler), direct launches pass it and its metadata as Triton does.
+        seen = []
+        with _launch_enter_hook(lambda metadata: seen.append(metadata.get()["name"])):
+            hooked = _recorded(lambda: launch(args))
+            own_hooked = _recorded(lambda: _through_triton(launch, args))
+            passed = _same_call(hooked, own_hooked) and _hooks(hooked[1]) is not None
+        expect(passed and seen == [launch.kernel.__name__] * 2,
+               f"{name}: with a launch hook set, the direct launch calls it with Triton's metadata")
 
     # A run replaced on the kernel (the tuner's compile-only launches) is respected: compiled, not
     # launched, although this plan's launch is kept.

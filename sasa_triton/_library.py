@@ -53,11 +53,14 @@ class KernelLaunch:
     The first launch per argument specialization (the arguments' dtypes, alignments and ints, and
     the current device) goes through Triton, `kernel[grid](*args, **meta)`, which binds and
     specializes the arguments, finds or compiles the kernel, launches it and returns it. Later
-    launches go straight to that compiled kernel's runner (`compiled[grid]`, Triton 3.3-3.9) with
-    what Triton's run passes it: the runtime arguments, then the constexprs in parameter order,
-    on the current stream. Python per launch with a no-op launcher, sm_90 kernels, a 2-core CPU
-    VM: 18-23 us through Triton's run, 7-9 us this way (bench/launch_overhead.py, whose --check
-    compares the launcher calls of both ways). Every launch goes through Triton under
+    launches go straight to that compiled kernel's launcher with what Triton's run passes it: the
+    runtime arguments, then the constexprs in parameter order, on the current stream. Without a
+    launch hook set (a profiler's), they skip its runner (`compiled[grid]`, Triton 3.3-3.9), which
+    builds a launch-metadata dict for the hooks on every launch and has the launcher call Triton's
+    (empty) hook chains, and pass None for the three: 24 % fewer Python instructions per launch
+    (callgrind, sm_90 kernels, a stand-in launcher; bench/RESULTS.md 2026-11-30). Python per
+    launch on a 2-core CPU VM: 18-23 us through Triton's run, 7-9 us through the runner
+    (bench/launch_overhead.py, whose --check compares the launcher calls of the ways). Every launch goes through Triton under
     TRITON_INTERPRET=1, on the opt-in triton_op path, with Triton's pre-run or stage-inspection
     hooks set, while the kernel's run is replaced (the tuner's compile-only launches), and with
     SASA_TRITON_DIRECT_LAUNCH=0; a launch that returns no compiled kernel (under Triton's
@@ -101,7 +104,11 @@ class KernelLaunch:
         except TypeError:  # an argument that cannot be hashed: Triton decides
             runner = key = None
         if runner is not None:
-            runner(*args, *self.constexprs, stream=_driver.active.get_current_stream(device))
+            stream = _driver.active.get_current_stream(device)
+            if _launch_hooks_set():
+                runner[0](*args, *self.constexprs, stream=stream)
+            else:
+                runner[1](*self.grid, stream, *runner[2:], None, None, None, *args, *self.constexprs)
             return
         compiled = kernel[self.grid](*args, **self.meta)
         if not isinstance(compiled, _CompiledKernel):  # None (a hook declined) or a compile in flight
@@ -111,7 +118,11 @@ class KernelLaunch:
             defaults = {p.name: p.default for p in kernel.params}
             self.constexprs = tuple(self.meta[name] if name in self.meta else defaults[name] for name in names)
         if key is not None and len(self.runners) < 64:
-            self.runners[key] = compiled[self.grid]
+            # Triton's runner (it loads the module first), and what it hands the launcher: the
+            # launcher, the function handle and the packed metadata, which a launch without launch
+            # hooks passes on with None for the launch metadata and both hooks.
+            runner = compiled[self.grid]
+            self.runners[key] = (runner, compiled.run, compiled.function, compiled.packed_metadata)
 
 
 _LAUNCHES: dict = {}
@@ -141,6 +152,18 @@ _RUNTIME_KNOBS = getattr(getattr(triton, "knobs", None), "runtime", None)  # Tri
 
 def _stage_hook():
     return getattr(_RUNTIME_KNOBS, "add_stages_inspection_hook", None) is not None
+
+
+def _launch_hooks_set() -> bool:
+    """Whether a launch enter or exit hook is set (a profiler's): Triton 3.4-3.9 keep them as hook
+    chains, empty by default, which its runner hands the launcher with a launch-metadata dict
+    built per launch for them, and which the C launcher then calls; 3.3 keeps None."""
+    hooks = _RUNTIME_KNOBS if _RUNTIME_KNOBS is not None else _CompiledKernel
+    return _hook_set(hooks.launch_enter_hook) or _hook_set(hooks.launch_exit_hook)
+
+
+def _hook_set(hook) -> bool:
+    return hook is not None and getattr(hook, "calls", True) != []
 
 
 def launchable(kernel):
