@@ -1,7 +1,7 @@
 """The host path's cost in instructions: python -m sasa_triton.bench_host's calls, counted by
 valgrind's callgrind instead of timed. Needs valgrind (and no GPU).
 
-    python bench/host_instructions.py [--shape B H W heads D] [--kernel-size K]
+    python bench/host_instructions.py [--shape B H W heads D] [--kernel-size K] [--launches]
 
 A timing of the Python path on a small shared machine moves by 10-40 % from run to run (other
 tenants, caches, frequency); the instructions one call executes do not: two runs of the same
@@ -27,13 +27,34 @@ import tempfile
 N1, N2 = 20, 120
 
 
+def _launch_calls(shape) -> tuple:
+    """({kernel: one direct launch of it}, check, restore): the three local kernels compiled for
+    sm_90 behind bench/launch_overhead.py's stand-in CUDA driver (its launcher records each call
+    and calls the launch hooks as Triton's C launcher does), each launch's record then dropped."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import launch_overhead
+
+    fns = {}
+    for name, (launch, launch_args) in launch_overhead._launches(*launch_overhead._inputs(shape)).items():
+        launch(launch_args)  # through Triton: compiles and keeps the compiled kernel
+
+        def fn(launch=launch, launch_args=launch_args):
+            launch(launch_args)
+            launch_overhead.CALLS.clear()
+        fns[f"launch_{name}"] = fn
+    return fns, (lambda: True), (lambda: None)
+
+
 def _child(args) -> None:
     from sasa_triton import bench_host
 
     def control(*flags):  # callgrind_control talks to this process's valgrind
         subprocess.run(["callgrind_control", *flags, str(os.getpid())], check=True, stdout=subprocess.DEVNULL)
 
-    fns, _, launched, restore = bench_host.host_calls(tuple(args.shape), args.kernel_size)
+    if args.launches:
+        fns, launched, restore = _launch_calls(tuple(args.shape))
+    else:
+        fns, _, launched, restore = bench_host.host_calls(tuple(args.shape), args.kernel_size)
     print("calls:", *fns)
     try:
         for name, fn in fns.items():
@@ -54,6 +75,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", type=int, nargs=5, default=[1, 7, 7, 8, 64], metavar=("B", "H", "W", "HEADS", "D"))
     parser.add_argument("--kernel-size", type=int, default=7)
+    parser.add_argument("--launches", action="store_true",
+                        help="count one direct launch of each local kernel instead (compiled for sm_90 behind a "
+                             "stand-in CUDA driver, bench/launch_overhead.py; the launcher's own C code not included)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -66,9 +90,11 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": "",
                "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}
+        if args.launches:  # compiled kernels (the interpreter has no launcher)
+            env.pop("TRITON_INTERPRET")
         command = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={tmp}/cg.out",
                    sys.executable, os.path.abspath(__file__), "--child", "--shape", *map(str, args.shape),
-                   "--kernel-size", str(args.kernel_size)]
+                   "--kernel-size", str(args.kernel_size), *(["--launches"] if args.launches else [])]
         proc = subprocess.run(command, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
             print(proc.stderr[-3000:], file=sys.stderr)
@@ -84,11 +110,12 @@ def main(argv=None) -> int:
     per_call = {name: (counts[name][N2] - counts[name][N1]) / (N2 - N1) for name in names}
     import torch
     import triton
-    print(f"host path per call in instructions (callgrind; launches stubbed; torch {torch.__version__}, "
+    what = "the Python of one direct launch, sm_90, stand-in driver" if args.launches else "launches stubbed"
+    print(f"host path per call in instructions (callgrind; {what}; torch {torch.__version__}, "
           f"triton {triton.__version__}; shape {args.shape}, k={args.kernel_size}):")
     for name, value in per_call.items():
         print(f"  {name.removesuffix('_us'):18s} {value:10.0f}")
-    for kind in ("fwd", "fwd_bwd"):
+    for kind in ("fwd", "fwd_bwd") if not args.launches else ():
         own = per_call[f"{kind}_us"] - per_call[f"floor_{kind}_us"]
         print(f"  the op's own share over PyTorch's floor, {kind.replace('_', '+')}: {own:.0f}")
     return 0

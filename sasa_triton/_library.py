@@ -57,8 +57,8 @@ class KernelLaunch:
     runtime arguments, then the constexprs in parameter order, on the current stream. Without a
     launch hook set (a profiler's), they skip its runner (`compiled[grid]`, Triton 3.3-3.9), which
     builds a launch-metadata dict for the hooks on every launch and has the launcher call Triton's
-    (empty) hook chains, and pass None for the three: 24 % fewer Python instructions per launch
-    (callgrind, sm_90 kernels, a stand-in launcher; bench/RESULTS.md 2026-11-30). Python per
+    (empty) hook chains, and pass None for the three: 22-24 % fewer Python instructions per launch
+    (bench/host_instructions.py --launches; bench/RESULTS.md 2026-11-30). Python per
     launch on a 2-core CPU VM: 18-23 us through Triton's run, 7-9 us through the runner
     (bench/launch_overhead.py, whose --check compares the launcher calls of the ways). Every launch goes through Triton under
     TRITON_INTERPRET=1, on the opt-in triton_op path, with Triton's pre-run or stage-inspection
