@@ -576,6 +576,36 @@ def test_launch_plans_are_cached_per_layout_and_follow_the_tuning_state(device):
         _op_plan(wide, wide, wide, None, 3, 1, "zeros")
 
 
+def test_op_calls_find_their_plan_with_their_route(device, monkeypatch):
+    """An op call's checks and launch plan are one lookup per kind of call: after the first call
+    of a kind, calls without grad and with it (forward and backward) build no plan, until the
+    tuning state is reset; the plan depends on strides, so a copy of q, k, v is another kind."""
+    from sasa_triton.ops import local_attention as op
+
+    built = []
+    real_op_plan = op._op_plan
+    monkeypatch.setattr(op, "_op_plan", lambda *args, **kwargs: built.append(args[0].stride()) or
+                        real_op_plan(*args, **kwargs))
+    gen = torch.Generator().manual_seed(0)
+    qkv = torch.randn(1, 5, 6, 3, 2, 8, generator=gen).to(device)
+    tables = [torch.randn(3, 4, generator=gen).to(device) for _ in range(2)]
+    leaves = [t.clone().requires_grad_(True) for t in (*qkv.unbind(3), *tables)]
+    tuning.clear_cache()
+    with torch.no_grad():
+        expected = reference(*qkv.unbind(3), *tables, 3)
+        for _ in range(2):
+            y = sasa_triton.local_attention2d(*qkv.unbind(3), *tables, kernel_size=3)
+            assert torch.allclose(y, expected, atol=1e-4)
+    assert built == [qkv.unbind(3)[0].stride()]
+    for _ in range(2):
+        torch.autograd.grad(sasa_triton.local_attention2d(*leaves, kernel_size=3), leaves, torch.ones(1, 5, 6, 2, 8, device=device))
+    assert len(built) == 2  # the contiguous leaves: another kind, planned once
+    tuning.clear_cache()
+    with torch.no_grad():
+        sasa_triton.local_attention2d(*qkv.unbind(3), *tables, kernel_size=3)
+    assert len(built) == 3
+
+
 def test_saved_tensors_hold_nothing_of_window_size(device):
     """What autograd keeps for backward: q, k, v, y, the log-sum-exp and the embeddings."""
     B, H, W, heads, D, k = 1, 6, 5, 2, 8, 3

@@ -1051,8 +1051,9 @@ class _LocalAttention(torch.autograd.Function):
     """The op with autograd. qkv (optional): the tensor whose three parts q, k, v are (they come
     detached, qkv_parts), which then takes their gradients as one tensor."""
     @staticmethod
-    def forward(ctx, q, k, v, rel_rows, rel_cols, kernel_size, dilation, scale, padding, qkv=None):
-        plan = _op_plan(q, k, v, rel_rows, kernel_size, dilation, padding) if q.numel() else None
+    def forward(ctx, q, k, v, rel_rows, rel_cols, kernel_size, dilation, scale, padding, qkv=None, plan=None):
+        if plan is None and q.numel():
+            plan = _op_plan(q, k, v, rel_rows, kernel_size, dilation, padding)
         if plan is not None and plan.copy_qkv:  # saved as the kernels read them: the backward copies nothing again
             q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         y, lse = _fwd(q, k, v, rel_rows, rel_cols, kernel_size, dilation, scale, padding, plan=plan)
@@ -1067,7 +1068,7 @@ class _LocalAttention(torch.autograd.Function):
         q, k, v, rel_rows, rel_cols, y, lse = ctx.saved_tensors
         if ctx.qkv_layout is None:
             grads = _bwd(q, k, v, rel_rows, rel_cols, y, lse, dy, *ctx.args, plan=ctx.plan)
-            return (*grads, None, None, None, None, None)
+            return (*grads, None, None, None, None, None, None)
         # q, k, v are the three parts of qkv: their gradients are written into one tensor laid out
         # as qkv, which is qkv's gradient (no per-view gradients to stack or scatter back).
         dqkv = torch.empty_strided(*ctx.qkv_layout, dtype=q.dtype, device=q.device)
@@ -1075,7 +1076,7 @@ class _LocalAttention(torch.autograd.Function):
         grads = tuple(dqkv.as_strided(q.shape, q.stride(), i * step) for i in range(3))
         _, _, _, drel_rows, drel_cols = _bwd(q, k, v, rel_rows, rel_cols, y, lse, dy, *ctx.args, grads=grads,
                                              plan=ctx.plan)
-        return None, None, None, drel_rows, drel_cols, None, None, None, None, dqkv
+        return None, None, None, drel_rows, drel_cols, None, None, None, None, dqkv, None
 
 
 _FUNCTION_APPLY = super(torch.autograd.Function, _LocalAttention).apply  # autograd's own (C++) apply
@@ -1177,12 +1178,17 @@ def local_attention2d(q, k, v, rel_rows=None, rel_cols=None, kernel_size=7, dila
     """
     if torch.compiler.is_compiling():  # shapes may be symbolic: hashing them would specialize
         route = _check_and_route(q, k, v, rel_rows, rel_cols, kernel_size, dilation, scale, padding, backend, True)
+        kind = None
     else:
-        route = _route(q, k, v, rel_rows, rel_cols, kernel_size, dilation, scale, padding, backend)
+        route, kind = _route(q, k, v, rel_rows, rel_cols, kernel_size, dilation, scale, padding, backend)
     if route == "reference":
         from ..reference import local_attention2d as reference_op
         return reference_op(q, k, v, rel_rows, rel_cols, kernel_size, dilation, scale, padding)
+    given = q, k, v
     q, k, v = autocast_inputs(q, k, v)
+    # The launch plan, kept with the route (one lookup per call), unless autocast cast q, k or v.
+    plan = (_kind_plan(kind, q, k, v, rel_rows, kernel_size, dilation, padding)
+            if kind is not None and q is given[0] and k is given[1] and v is given[2] else None)
     if q.dtype not in KERNEL_DTYPES:  # float64 under autocast stays float64
         check_kernel_dtype("q", q)
     scale = float(scale)
@@ -1198,12 +1204,12 @@ def local_attention2d(q, k, v, rel_rows=None, rel_cols=None, kernel_size=7, dila
         return _local_attention2d_fwd(q, k, v, rel_rows, rel_cols, kernel_size, dilation, scale, padding)[0]
     if not torch.is_grad_enabled() or not (q.requires_grad or k.requires_grad or v.requires_grad or (
             rel_rows is not None and (rel_rows.requires_grad or rel_cols.requires_grad))):
-        return _fwd(q, k, v, rel_rows, rel_cols, kernel_size, dilation, scale, padding)[0]  # nothing to save
+        return _fwd(q, k, v, rel_rows, rel_cols, kernel_size, dilation, scale, padding, plan=plan)[0]  # nothing to save
     qkv = qkv_parts(q, k, v)
     if qkv is not None:  # the gradient goes to qkv in one piece
         return _apply(q.detach(), k.detach(), v.detach(), rel_rows, rel_cols, kernel_size, dilation, scale, padding,
-                      qkv)
-    return _apply(q, k, v, rel_rows, rel_cols, kernel_size, dilation, scale, padding)
+                      qkv, plan)
+    return _apply(q, k, v, rel_rows, rel_cols, kernel_size, dilation, scale, padding, None, plan)
 
 
 def _check_and_route(q, k, v, rel_rows, rel_cols, kernel_size, dilation, scale, padding, backend, compiling):
@@ -1219,23 +1225,39 @@ def _check_and_route(q, k, v, rel_rows, rel_cols, kernel_size, dilation, scale, 
     return "registered" if compiling or type(q) is not torch.Tensor or q.device.type == "meta" else "triton"
 
 
-_ROUTES: dict = {}
+_ROUTES: dict = {}  # kind of call -> [route, the tuning state its plan came from, its launch plan]
 
 
-def _route(q, k, v, rel_rows, rel_cols, kernel_size, dilation, scale, padding, backend) -> str:
-    """_check_and_route, once per kind of call (same types, shapes, dtypes and devices, options,
-    and TRITON_INTERPRET setting): the checks then cost one dict lookup per call."""
+def _route(q, k, v, rel_rows, rel_cols, kernel_size, dilation, scale, padding, backend) -> tuple:
+    """(_check_and_route's route, the kind's cache entry or None): the checks once per kind of call
+    (same types, shapes, strides, dtypes and devices, options, fp32 matmul precision and
+    TRITON_INTERPRET setting), which then costs one dict lookup per call, and its launch plan
+    kept with it (_kind_plan)."""
     try:
         rel = None if rel_rows is None else (type(rel_rows), rel_rows.shape, rel_rows.dtype, rel_rows.device,
                                              type(rel_cols), rel_cols.shape, rel_cols.dtype, rel_cols.device)
-        key = (type(q), type(k), type(v), q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device,
-               k.device, v.device, rel, kernel_size, type(kernel_size), dilation, type(dilation), type(scale),
-               padding, backend, os.environ.get("TRITON_INTERPRET"))
-        route = _ROUTES.get(key)
+        dtype = q.dtype
+        key = (type(q), type(k), type(v), q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(), dtype,
+               k.dtype, v.dtype, q.device, k.device, v.device, rel, kernel_size, type(kernel_size), dilation,
+               type(dilation), type(scale), padding, backend, os.environ.get("TRITON_INTERPRET"),
+               dot_precision(dtype) if dtype == torch.float32 else None)
+        kind = _ROUTES.get(key)
     except (AttributeError, TypeError):  # not tensors, or unhashable arguments: the full checks say why
-        return _check_and_route(q, k, v, rel_rows, rel_cols, kernel_size, dilation, scale, padding, backend, False)
-    if route is None:
-        route = _check_and_route(q, k, v, rel_rows, rel_cols, kernel_size, dilation, scale, padding, backend, False)
-        if len(_ROUTES) < 4096:
-            _ROUTES[key] = route
-    return route
+        return _check_and_route(q, k, v, rel_rows, rel_cols, kernel_size, dilation, scale, padding, backend,
+                                False), None
+    if kind is None:
+        kind = [_check_and_route(q, k, v, rel_rows, rel_cols, kernel_size, dilation, scale, padding, backend, False),
+                None, None]
+        if len(_ROUTES) >= 4096:
+            _ROUTES.clear()
+        _ROUTES[key] = kind
+    return kind[0], kind
+
+
+def _kind_plan(kind, q, k, v, rel_rows, kernel_size, dilation, padding):
+    """The launch plan of a kind of call (None for empty tensors), kept in its entry: the same as
+    _op_plan's, whose own key then needs no building; rebuilt when the tuning state is reset."""
+    if kind[1] is not tuning._state:
+        kind[2] = _op_plan(q, k, v, rel_rows, kernel_size, dilation, padding) if q.numel() else None
+        kind[1] = tuning._state
+    return kind[2]
