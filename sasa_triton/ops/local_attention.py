@@ -1188,7 +1188,8 @@ def local_attention2d(q, k, v, rel_rows=None, rel_cols=None, kernel_size=7, dila
     q, k, v = autocast_inputs(q, k, v)
     # The launch plan, kept with the route (one lookup per call), unless autocast cast q, k or v.
     plan = (_kind_plan(kind, q, k, v, rel_rows, kernel_size, dilation, padding)
-            if kind is not None and q is given[0] and k is given[1] and v is given[2] else None)
+            if route == "triton" and kind is not None and q is given[0] and k is given[1] and v is given[2]
+            else None)
     if q.dtype not in KERNEL_DTYPES:  # float64 under autocast stays float64
         check_kernel_dtype("q", q)
     scale = float(scale)
