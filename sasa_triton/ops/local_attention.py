@@ -1072,8 +1072,9 @@ class _LocalAttention(torch.autograd.Function):
         # q, k, v are the three parts of qkv: their gradients are written into one tensor laid out
         # as qkv, which is qkv's gradient (no per-view gradients to stack or scatter back).
         dqkv = torch.empty_strided(*ctx.qkv_layout, dtype=q.dtype, device=q.device)
-        step = k.storage_offset() - q.storage_offset()
-        grads = tuple(dqkv.as_strided(q.shape, q.stride(), i * step) for i in range(3))
+        step, shape, strides = k.storage_offset() - q.storage_offset(), q.shape, q.stride()
+        grads = (dqkv.as_strided(shape, strides, 0), dqkv.as_strided(shape, strides, step),
+                 dqkv.as_strided(shape, strides, 2 * step))
         _, _, _, drel_rows, drel_cols = _bwd(q, k, v, rel_rows, rel_cols, y, lse, dy, *ctx.args, grads=grads,
                                              plan=ctx.plan)
         return None, None, None, drel_rows, drel_cols, None, None, None, None, dqkv, None
