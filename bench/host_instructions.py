@@ -28,7 +28,8 @@ N1, N2 = 20, 120
 
 
 def _launch_calls(shape) -> tuple:
-    """({kernel: one direct launch of it}, check, restore): the three local kernels compiled for
+    """({name: one direct launch of a kernel}, launched, restore), as bench_host.host_calls gives
+    its calls (launched: true, restore: nothing to undo): the three local kernels compiled for
     sm_90 behind bench/launch_overhead.py's stand-in CUDA driver (its launcher records each call
     and calls the launch hooks as Triton's C launcher does), each launch's record then dropped."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
