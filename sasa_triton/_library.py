@@ -1,9 +1,14 @@
 """Registration of the fused ops with torch.library, so torch.compile traces them without graph
 breaks and fake tensors (torch.export, shape propagation) work.
 
-Default: `torch.library.custom_op` with a registered fake kernel and autograd. Inductor treats it
-as one opaque extern call, which is all the fused kernels need (there is nothing to fuse into
-them). SASA_TRITON_TRITON_OP=1 registers them as `torch.library.triton_op` + `wrap_triton`
+Default: an op defined with torch.library's low-level API (`Library.define` with the schema
+`custom_op` would infer, one CompositeExplicitAutograd kernel) with a registered fake kernel and
+autograd: what `torch.library.custom_op` registers, without the Python it wraps around every
+call (an aliasing check of the outputs among it): through the local ops' OpOverloads, as
+torch.compile's graphs call them per layer, 15 % fewer host instructions per forward call and
+20 % per backward call (bench/RESULTS.md, 2026-11-30).
+Inductor treats it as one opaque extern call, which is all the fused kernels need (there is
+nothing to fuse into them). SASA_TRITON_TRITON_OP=1 registers them as `torch.library.triton_op` + `wrap_triton`
 instead, so Inductor sees the Triton launches; that path is opt-in until it has been verified on
 a GPU (it cannot be exercised here: tracing wrap_triton needs a CUDA driver). Under
 TRITON_INTERPRET=1 it is never used (wrap_triton rejects interpreted kernels on some versions).
@@ -30,8 +35,39 @@ def define_op(name: str):
     def decorator(fn):
         if _USE_TRITON_OP:
             return torch.library.triton_op(name, mutates_args=())(fn)
-        return torch.library.custom_op(name, mutates_args=())(fn)
+        return _Op(name, fn)
     return decorator
+
+
+_infer_schema = getattr(torch.library, "infer_schema", None)
+if _infer_schema is None:  # torch 2.4
+    from torch._library.infer_schema import infer_schema as _infer_schema
+_LIBRARIES: dict = {}  # namespace -> its torch.library.Library (registrations live as long as it)
+
+
+class _Op:
+    """A functional op "namespace::name" from fn's signature: called like fn (through its
+    OpOverload), with `register_fake` and `register_autograd` as custom_op's."""
+
+    def __init__(self, qualname: str, fn):
+        namespace, name = qualname.split("::")
+        library = _LIBRARIES.get(namespace)
+        if library is None:
+            library = _LIBRARIES[namespace] = torch.library.Library(namespace, "FRAGMENT")
+        library.define(name + _infer_schema(fn, mutates_args=()), tags=(torch.Tag.pt2_compliant_tag,))
+        library.impl(name, fn, "CompositeExplicitAutograd")
+        self.qualname, self.__wrapped__ = qualname, fn
+        self.overload = getattr(getattr(torch.ops, namespace), name).default
+
+    def __call__(self, *args):
+        return self.overload(*args)
+
+    def register_fake(self, fn):
+        torch.library.register_fake(self.qualname)(fn)
+        return fn
+
+    def register_autograd(self, backward, setup_context=None):
+        torch.library.register_autograd(self.qualname, backward, setup_context=setup_context)
 
 
 # Options every launch of the package's kernels passes (and the static compiles in _compile.py).

@@ -1,7 +1,8 @@
 """torch.compile (fullgraph, no recompiles), fake tensors / export, autocast and layouts.
 
-On CPU the registered op runs its Triton kernels through the interpreter (a custom_op there);
-on CUDA it is a triton_op that Inductor traces into.
+On CPU the registered op runs its Triton kernels through the interpreter; the ops are defined
+with torch.library's low-level API (sasa_triton._library), a triton_op that Inductor traces into
+only with SASA_TRITON_TRITON_OP=1.
 """
 import pytest
 import torch
@@ -59,6 +60,20 @@ def test_no_recompile_across_batches_of_one_image_size(device):
         out = compiled(x)
         assert out.shape == (batch, 8, 4, 4)
     assert counter.frame_count == 1
+
+
+def test_registered_local_ops_pass_opcheck(device):
+    """The forward and backward ops as torch.library registers them (schema, fake kernel,
+    autograd registration, AOT dispatch with dynamic shapes) pass torch.library.opcheck."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 5, 6, 2, 8, generator=gen).to(device) for _ in range(3))
+    rel_rows, rel_cols = (torch.randn(3, 4, generator=gen).to(device) for _ in range(2))
+    options = (3, 1, 1.0, "zeros")
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v, rel_rows, rel_cols)]
+    torch.library.opcheck(torch.ops.sasa_triton.local_attention2d_fwd.default, (*leaves, *options))
+    y, lse = torch.ops.sasa_triton.local_attention2d_fwd(q, k, v, rel_rows, rel_cols, *options)
+    torch.library.opcheck(torch.ops.sasa_triton.local_attention2d_bwd.default,
+                          (q, k, v, rel_rows, rel_cols, y, lse, torch.randn_like(y), *options))
 
 
 def test_fake_tensor_shapes_and_export(device):
