@@ -56,7 +56,7 @@ class _Op:
             library = _LIBRARIES[namespace] = torch.library.Library(namespace, "FRAGMENT")
         library.define(name + _infer_schema(fn, mutates_args=()), tags=(torch.Tag.pt2_compliant_tag,))
         library.impl(name, fn, "CompositeExplicitAutograd")
-        self.qualname, self.__wrapped__ = qualname, fn
+        self.qualname = qualname
         self.overload = getattr(getattr(torch.ops, namespace), name).default
 
     def __call__(self, *args):
@@ -117,20 +117,17 @@ class KernelLaunch:
         self.runners = {}
 
     def __call__(self, args):
-        kernel = self.kernel
-        # (an instance attribute "run" replaces Triton's run: the tuner's compile-only launches)
-        if not DIRECT_LAUNCH or "run" in kernel.__dict__ or kernel.pre_run_hooks or _stage_hook():
-            if self.device >= 0 and not _USE_TRITON_OP and torch.cuda.current_device() != self.device:
-                with torch.cuda.device(self.device):
-                    launchable(kernel)[self.grid](*args, **self.meta)
-                return
-            launchable(kernel)[self.grid](*args, **self.meta)
-            return
-        device = _driver.active.get_current_device()
-        if device != self.device and self.device >= 0:
+        if self.device >= 0 and not _USE_TRITON_OP and torch.cuda.current_device() != self.device:
             with torch.cuda.device(self.device):
                 self(args)
             return
+        kernel = self.kernel
+        # (an instance attribute "run" replaces Triton's run: the tuner's compile-only launches)
+        if not DIRECT_LAUNCH or "run" in kernel.__dict__ or kernel.pre_run_hooks or _stage_hook():
+            launchable(kernel)[self.grid](*args, **self.meta)
+            return
+        # (the tensors' device is the current one now; -1: the stand-in driver's CPU tensors)
+        device = self.device if self.device >= 0 else _driver.active.get_current_device()
         # What Triton specializes a compiled kernel on, or more: a tensor's dtype and whether its
         # address is a multiple of 16, a float's type (never its value), anything else's value.
         key = (device, *[(arg.dtype, not arg.data_ptr() & 15) if isinstance(arg, _Tensor) else arg
