@@ -12,7 +12,9 @@ the op's direct launch (sasa_triton._library.KernelLaunch: the compiled kernel's
 without the C launcher and the driver's cuLaunchKernel, which both paths share. The check
 compares the recorded calls: the direct launches must pass the very same arguments (the same
 tensors, grid, stream, function handle and metadata, to the same compiled kernel) as Triton's
-run does, also when a table's dtype or a tensor's alignment changes the specialization.
+run does, also when a table's dtype or a tensor's alignment changes the specialization. It
+checks the direct launches on any Triton (SASA_TRITON_DIRECT_LAUNCH=1): passing on one not yet in
+sasa_triton._library.DIRECT_LAUNCH_TRITONS is what adds that Triton there.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import os
 import sys
 
 os.environ.pop("TRITON_INTERPRET", None)  # compiled kernels (the interpreter has no launcher)
+os.environ["SASA_TRITON_DIRECT_LAUNCH"] = "1"  # on this Triton too if it is not a checked one
 os.environ["SASA_TRITON_AUTOTUNE"] = "0"  # default configs; no tuned file is read
 
 import torch  # noqa: E402
@@ -90,7 +93,7 @@ from sasa_triton import _library  # noqa: E402
 from sasa_triton.bench_host import _time_rounds  # noqa: E402
 from sasa_triton.ops import local_attention as op  # noqa: E402
 
-assert _library.DIRECT_LAUNCH, "direct launches are off (SASA_TRITON_DIRECT_LAUNCH=0 or the triton_op path)"
+assert _library.DIRECT_LAUNCH, "direct launches are off (the triton_op path: SASA_TRITON_TRITON_OP=1)"
 
 
 def _inputs(shape, table_dtype=torch.float32, kernel_size=7):
@@ -359,7 +362,9 @@ def main(argv=None) -> int:
                         help="time whole op calls (forward; forward + autograd.grad) launched either way")
     parser.add_argument("--shape", type=int, nargs=5, default=None, metavar=("B", "H", "W", "HEADS", "D"))
     args = parser.parse_args(argv)
-    print(f"torch {torch.__version__}, triton {triton.__version__}, kernels compiled for sm_90, launcher stubbed")
+    checked = _library.TRITON_VERSION in _library.DIRECT_LAUNCH_TRITONS
+    print(f"torch {torch.__version__}, triton {triton.__version__}, kernels compiled for sm_90, launcher stubbed; "
+          f"direct launches by default on this Triton: {'yes' if checked else 'no (not in DIRECT_LAUNCH_TRITONS)'}")
     if args.check:
         failures = check(*([tuple(args.shape)] if args.shape else []))
         print(f"{len(failures)} failed" if failures else "all checks passed")

@@ -16,6 +16,7 @@ TRITON_INTERPRET=1 it is never used (wrap_triton rejects interpreted kernels on 
 from __future__ import annotations
 
 import os
+import re
 
 import torch
 import triton
@@ -77,10 +78,30 @@ class _Op:
 # wrap_triton takes only num_warps/num_stages-like options beside the kernel's arguments.
 LAUNCH_OPTIONS = {} if _USE_TRITON_OP else {"enable_fp_fusion": True}
 
-# Launch compiled kernels directly after their first launch (KernelLaunch); SASA_TRITON_DIRECT_LAUNCH=0
-# sends every launch through Triton's JITFunction.run instead.
-DIRECT_LAUNCH = (os.environ.get("SASA_TRITON_DIRECT_LAUNCH", "1") != "0" and not _USE_TRITON_OP
-                 and not _INTERPRET)
+# The Tritons (major, minor) on which bench/launch_overhead.py --check found the direct launches
+# passing a compiled kernel's launcher what Triton's own launch passes (2026-11-30: 3.3.1, 3.4.0,
+# 3.5.1, 3.6.0, 3.7.1, 3.8.0 and 3.9.0). That launcher's arguments are Triton's internals: on a
+# Triton not checked, they could come in an order it does not expect (a fault, or wrong results),
+# so launches there go through Triton's run unless SASA_TRITON_DIRECT_LAUNCH=1 says otherwise.
+DIRECT_LAUNCH_TRITONS = ((3, 3), (3, 4), (3, 5), (3, 6), (3, 7), (3, 8), (3, 9))
+TRITON_VERSION = tuple(int(part) for part in re.match(r"(\d+)\.(\d+)", triton.__version__).groups())
+
+
+def _direct_launch(setting: str) -> bool:
+    """SASA_TRITON_DIRECT_LAUNCH: 0 (or false, off, no) off, 1 (true, on, yes) on, unset on where
+    the Triton was checked; never under the interpreter (no compiled kernels) or on the opt-in
+    triton_op path (torch.compile traces its launches)."""
+    setting = setting.strip().lower()
+    if setting not in ("", "0", "false", "off", "no", "1", "true", "on", "yes"):
+        raise ValueError(f"SASA_TRITON_DIRECT_LAUNCH must be 0 or 1 (or unset: on where the Triton was "
+                         f"checked), got {setting!r}")
+    wanted = setting in ("1", "true", "on", "yes") or setting == "" and TRITON_VERSION in DIRECT_LAUNCH_TRITONS
+    return wanted and not _USE_TRITON_OP and not _INTERPRET
+
+
+# Launch compiled kernels directly after their first launch (KernelLaunch), else every launch
+# through Triton's JITFunction.run.
+DIRECT_LAUNCH = _direct_launch(os.environ.get("SASA_TRITON_DIRECT_LAUNCH", ""))
 
 
 class KernelLaunch:
@@ -98,8 +119,8 @@ class KernelLaunch:
     launch on a 2-core CPU VM: 18-23 us through Triton's run, 7-9 us through the runner
     (bench/launch_overhead.py, whose --check compares the launcher calls of the ways). Every launch goes through Triton under
     TRITON_INTERPRET=1, on the opt-in triton_op path, with Triton's pre-run or stage-inspection
-    hooks set, while the kernel's run is replaced (the tuner's compile-only launches), and with
-    SASA_TRITON_DIRECT_LAUNCH=0; a launch that returns no compiled kernel (under Triton's
+    hooks set, while the kernel's run is replaced (the tuner's compile-only launches), with
+    SASA_TRITON_DIRECT_LAUNCH=0, and on a Triton not in DIRECT_LAUNCH_TRITONS; a launch that returns no compiled kernel (under Triton's
     AsyncCompileMode) keeps nothing.
 
     `device`: the CUDA device index of the tensors launched on (-1: none, the interpreter's CPU

@@ -37,11 +37,37 @@ def test_direct_launches_pass_what_triton_passes():
 
 
 def test_direct_launch_switch():
-    """Direct launches are on unless switched off, or without compiled kernels (the interpreter)
-    or on the opt-in triton_op path (whose launches torch.compile traces)."""
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    wanted = os.environ.get("SASA_TRITON_DIRECT_LAUNCH", "1") != "0"
-    assert library.DIRECT_LAUNCH == (wanted and not interpreted and not library._USE_TRITON_OP)
+    """Direct launches are on unless switched off, on a Triton whose launcher calls were checked
+    (or switched on), and never without compiled kernels (the interpreter) or on the opt-in
+    triton_op path (whose launches torch.compile traces)."""
+    assert library.DIRECT_LAUNCH == library._direct_launch(os.environ.get("SASA_TRITON_DIRECT_LAUNCH", ""))
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        assert not library.DIRECT_LAUNCH
+
+
+@pytest.mark.parametrize("version, setting, expected", [
+    ((3, 3), "", True), ((3, 9), "", True), ((3, 9), "0", False), ((3, 9), " Off", False), ((3, 9), "1", True),
+    ((3, 2), "", False), ((3, 10), "", False), ((4, 0), "", False), ((3, 10), "1", True), ((3, 10), "yes", True),
+])
+def test_direct_launches_only_on_checked_tritons(version, setting, expected, monkeypatch):
+    """A direct launch hands the launcher Triton's internal argument order: by default only on the
+    Tritons bench/launch_overhead.py --check passed on (DIRECT_LAUNCH_TRITONS), else through
+    Triton's run unless SASA_TRITON_DIRECT_LAUNCH=1; off under the interpreter and on the triton_op
+    path whatever the setting."""
+    monkeypatch.setattr(library, "TRITON_VERSION", version)
+    monkeypatch.setattr(library, "_INTERPRET", False)
+    monkeypatch.setattr(library, "_USE_TRITON_OP", False)
+    assert library._direct_launch(setting) is expected
+    monkeypatch.setattr(library, "_INTERPRET", True)
+    assert library._direct_launch(setting) is False
+    monkeypatch.setattr(library, "_INTERPRET", False)
+    monkeypatch.setattr(library, "_USE_TRITON_OP", True)
+    assert library._direct_launch(setting) is False
+
+
+def test_direct_launch_setting_is_checked():
+    with pytest.raises(ValueError, match="SASA_TRITON_DIRECT_LAUNCH must be 0 or 1"):
+        library._direct_launch("sometimes")
 
 
 @pytest.mark.parametrize("direct", [True, False])
@@ -111,7 +137,8 @@ def test_gpu_direct_launches_compute_what_triton_launches_compute(dtype, monkeyp
     import sasa_triton
 
     if not library.DIRECT_LAUNCH:
-        pytest.skip("direct launches are off (SASA_TRITON_DIRECT_LAUNCH=0 or SASA_TRITON_TRITON_OP=1)")
+        pytest.skip("direct launches are off (SASA_TRITON_DIRECT_LAUNCH=0, SASA_TRITON_TRITON_OP=1 or a Triton "
+                    "not in DIRECT_LAUNCH_TRITONS)")
     dtype = getattr(torch, dtype)
     gen = torch.Generator(device="cuda").manual_seed(0)
     qkv = torch.randn(2, 13, 11, 3, 4, 32, device="cuda", generator=gen).to(dtype)
