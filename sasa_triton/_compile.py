@@ -60,12 +60,16 @@ def _tool(name: str) -> str | None:
 def triton_ptxas(arch: int = 90) -> str | None:
     """The ptxas that triton.compile runs for sm_<arch>: the PTX it emits carries the .version of
     that ptxas's CUDA release, which an older ptxas rejects. Which one that is depends on the Triton
-    release (3.3-3.6: `ptxas` below sm_100, `ptxas-blackwell` from it; 3.7+: `ptxas-blackwell` from
-    sm_90) and on TRITON_PTXAS_PATH / TRITON_PTXAS_BLACKWELL_PATH (torch's inductor points the
-    former at the ptxas of torch's CUDA wheels, e.g. CUDA 13.0 with torch 2.11+cu130)."""
+    release (3.3 and 3.6-3.8: `ptxas` below sm_100, `ptxas-blackwell` from it; 3.4-3.5: `ptxas`
+    for every arch; 3.9+: `ptxas-blackwell` from sm_90) and on TRITON_PTXAS_PATH /
+    TRITON_PTXAS_BLACKWELL_PATH (torch's inductor points the former at the ptxas of torch's CUDA
+    wheels, e.g. CUDA 13.0 with torch 2.11+cu130)."""
     try:
         from triton.backends.nvidia.compiler import get_ptxas
-        tool = get_ptxas(arch)
+        try:
+            tool = get_ptxas(arch)
+        except TypeError:  # Triton 3.4-3.5: get_ptxas() takes no arch
+            tool = get_ptxas()
     except Exception:  # not a Triton with the NVIDIA backend's get_ptxas, or no ptxas found
         return None
     return tool[0] if isinstance(tool, tuple) else getattr(tool, "path", None)  # 3.3: (path, version)

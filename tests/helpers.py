@@ -123,14 +123,24 @@ def reference_in_dtype(q, k, v, rel_rows=None, rel_cols=None, kernel_size=7, dil
     return torch.einsum("bhwnt,bhwntd->bhwnd", probs, values)
 
 
-# Spills of default configs that one Triton release makes and the others do not (sm_90), as
-# (major.minor, kernel, head dim): the most bytes allowed. Checked on Triton 3.3.1, 3.6.0 and
-# 3.9.0, 2026-11-29.
+# Spills of default configs that some Triton releases make and the others do not (sm_90), as
+# (major.minor, kernel, head dim or None): the most bytes allowed. Checked on Triton 3.3.1, 3.4.0,
+# 3.5.1, 3.6.0, 3.7.1, 3.8.0 and 3.9.0 (2026-11-30); 3.5, 3.6, 3.7 and 3.9 spill nowhere.
 KNOWN_SPILLS = {
     # One warp's two (16, 64) fp32 accumulators and the smallest step (16 strip pixels) need up to
-    # 28 bytes more than 255 registers on 3.3 only (bf16 k = 7: 28, fp16 k = 3: 4); 2 warps do not
-    # spill but execute about 3x the instructions (and 3.6/3.9 do not spill at 1 warp).
+    # 28 bytes more than 255 registers on 3.3 and 3.4 (bf16 k = 7: 28; fp16 k = 3: 4 on 3.3, 8 on
+    # 3.4); 2 warps do not spill but execute about 3x the instructions (and 3.5-3.9 do not spill at
+    # 1 warp).
     ("3.3", "local_bwd_dkdv", 64): 28,
+    ("3.4", "local_bwd_dkdv", 64): 28,
+    # 3.4 only: the sliding stem's dk/dv (16 x 16 tiles, 4 warps, bf16) at 168 registers, 44 / 36 bytes.
+    ("3.4", "spatial_sliding_bwd_dkdv", 16): 44,
+    # 3.8 only: fp32 k = 7 (4 warps, FMA dots) at 72 registers, 4 bytes (an 8-byte stack frame).
+    ("3.8", "local_bwd_dkdv", 32): 4,
+    # The sliding stem's backward (bf16, the paper's stem): 3.3 8 bytes at 168 registers, 3.8 4
+    # bytes at 128 (3.9 takes 168 and spills nothing).
+    ("3.3", "attention_stem_sliding_bwd", None): 8,
+    ("3.8", "attention_stem_sliding_bwd", None): 4,
 }
 
 

@@ -339,10 +339,10 @@ def _local_attn_fwd_kernel(
             m1, l1, acc1 = _softmax_step(logits, vt, m1, l1, acc1, DOT_PRECISION, STEP_ROWS >= HALO_ROWS)
 
     l_safe = tl.where(l0 == 0.0, 1.0, l0)
-    y = acc0 / l_safe[:, None]
+    y = acc0 * (1.0 / l_safe)[:, None]
     if HPP == 2:
         l_safe1 = tl.where(l1 == 0.0, 1.0, l1)
-        y = tl.where(offs_d[None, :] < D, y, acc1 / l_safe1[:, None])
+        y = tl.where(offs_d[None, :] < D, y, acc1 * (1.0 / l_safe1)[:, None])
     # y and lse are ours, contiguous: (B, H, W, heads, D) and (B, heads, H, W).
     tl.store(_pixel_ptrs(Y, batch, group, row0, col0, q_step_row, q_step_col, H * W * heads * D, W * heads * D,
                          heads * D, D_LOAD, BLOCK_D), y.to(Y.dtype.element_ty), mask=q_mask)
