@@ -84,7 +84,8 @@ LAUNCH_OPTIONS = {} if _USE_TRITON_OP else {"enable_fp_fusion": True}
 # Triton not checked, they could come in an order it does not expect (a fault, or wrong results),
 # so launches there go through Triton's run unless SASA_TRITON_DIRECT_LAUNCH=1 says otherwise.
 DIRECT_LAUNCH_TRITONS = ((3, 3), (3, 4), (3, 5), (3, 6), (3, 7), (3, 8), (3, 9))
-TRITON_VERSION = tuple(int(part) for part in re.match(r"(\d+)\.(\d+)", triton.__version__).groups())
+_version = re.match(r"(\d+)\.(\d+)", triton.__version__)
+TRITON_VERSION = (int(_version[1]), int(_version[2])) if _version else (0, 0)  # (0, 0): a version it cannot read
 
 
 def _direct_launch(setting: str) -> bool:
