@@ -144,9 +144,10 @@ KNOWN_SPILLS = {
 }
 
 
-def known_spill_bytes(triton_version: str, kernel: str, head_dim) -> int:
-    """The spill bytes allowed for `kernel` at `head_dim` on this Triton (major.minor): 0 unless listed."""
-    return KNOWN_SPILLS.get((triton_version, kernel, head_dim), 0)
+def known_spill_bytes(kernel: str, head_dim) -> int:
+    """The spill bytes allowed for `kernel` at `head_dim` on the running Triton: 0 unless listed."""
+    from sasa_triton.inspect import triton_minor_version
+    return KNOWN_SPILLS.get((triton_minor_version(), kernel, head_dim), 0)
 
 
 # Bad options shared by the stem ops (spatial_attention2d, attention_stem2d), checked by the same

@@ -5,9 +5,10 @@ Per Triton version (the package supports >= 3.3): the report runs the ptxas that
 with, so it works on each; registers, the tensor-core instruction kind (3.3-3.6 often emit
 mma.sync where 3.9 emits wgmma, so either counts) and the instruction counts differ by release,
 so the baseline holds one entry per major.minor and the test skips, saying so, on a Triton it
-has none for. No spill and a clean compile are required on every version: a default config
-that spills on one release is a config to change, not an expectation, with the one exception in
-tests/helpers.py's KNOWN_SPILLS (checked on Triton 3.3.1, 3.6.0 and 3.9.0, 2026-11-29).
+has none for. A clean compile is required on every version, and no spill beyond the few that
+tests/helpers.py's KNOWN_SPILLS lists per release with its reason (4-44 bytes on 3.3, 3.4 and
+3.8, where the releases around them spill nothing; checked on Triton 3.3.1-3.9.0, 2026-11-30):
+a spill of a default config that is not listed there is a config to change.
 """
 import json
 import os
@@ -63,12 +64,9 @@ def test_json_has_expected_fields(report):
         assert {"spatial_block_fwd", "spatial_block_bwd_dq", "spatial_block_bwd_dkdv"} <= set(kernels)
 
 
-# (Triton major.minor, kernel, head dim): spill bytes a bf16 k = 7 default config may have there, and why.
 def test_default_configs_do_not_spill_and_use_tensor_cores(report):
-    import triton
-    version = ".".join(triton.__version__.split(".")[:2])
     for record in report["records"]:
-        allowed = known_spill_bytes(version, record["kernel"], record.get("head_dim"))
+        allowed = known_spill_bytes(record["kernel"], record.get("head_dim"))
         assert record["spill_stores"] <= allowed and record["spill_loads"] <= allowed, \
             f"{record['kernel']} {record['config']} spills: {record['spill_stores']}/{record['spill_loads']} bytes"
         assert (record["HGMMA"] or 0) + (record["HMMA"] or 0) > 0, f"{record['kernel']} has no tensor-core instruction"
