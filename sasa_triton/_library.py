@@ -118,10 +118,11 @@ class KernelLaunch:
     (empty) hook chains, and pass None for the three: 22-24 % fewer Python instructions per launch
     (bench/host_instructions.py --launches; bench/RESULTS.md 2026-11-30). Python per
     launch on a 2-core CPU VM: 18-23 us through Triton's run, 7-9 us through the runner
-    (bench/launch_overhead.py, whose --check compares the launcher calls of the ways). Every launch goes through Triton under
-    TRITON_INTERPRET=1, on the opt-in triton_op path, with Triton's pre-run or stage-inspection
-    hooks set, while the kernel's run is replaced (the tuner's compile-only launches), with
-    SASA_TRITON_DIRECT_LAUNCH=0, and on a Triton not in DIRECT_LAUNCH_TRITONS; a launch that returns no compiled kernel (under Triton's
+    (bench/launch_overhead.py, whose --check compares the launcher calls of the ways). Every
+    launch goes through Triton under TRITON_INTERPRET=1, on the opt-in triton_op path, with
+    Triton's pre-run or stage-inspection hooks set, while the kernel's run is replaced (the
+    tuner's compile-only launches), with SASA_TRITON_DIRECT_LAUNCH=0, and on a Triton not in
+    DIRECT_LAUNCH_TRITONS; a launch that returns no compiled kernel (under Triton's
     AsyncCompileMode) keeps nothing.
 
     `device`: the CUDA device index of the tensors launched on (-1: none, the interpreter's CPU

@@ -447,8 +447,9 @@ def instruction_baseline_key(record: dict) -> str:
 
 
 def triton_minor_version() -> str:
-    import triton
-    return ".".join(triton.__version__.split(".")[:2])
+    """The running Triton as "major.minor" (the instruction baseline's and the tests' key)."""
+    from ._library import TRITON_VERSION
+    return "%d.%d" % TRITON_VERSION
 
 
 def write_instruction_baseline(records: list[dict], path: str) -> dict:
