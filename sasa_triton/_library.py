@@ -26,9 +26,7 @@ from triton.runtime import driver as _driver
 from ._utils import interpreter_enabled
 
 _INTERPRET = interpreter_enabled()
-_wrap_triton = getattr(torch.library, "wrap_triton", None) or getattr(torch.library, "capture_triton", None)
-_USE_TRITON_OP = (os.environ.get("SASA_TRITON_TRITON_OP", "0") == "1" and not _INTERPRET
-                  and hasattr(torch.library, "triton_op") and _wrap_triton is not None)
+_USE_TRITON_OP = os.environ.get("SASA_TRITON_TRITON_OP", "0") == "1" and not _INTERPRET
 
 
 def define_op(name: str):
@@ -40,9 +38,6 @@ def define_op(name: str):
     return decorator
 
 
-_infer_schema = getattr(torch.library, "infer_schema", None)
-if _infer_schema is None:  # torch 2.4
-    from torch._library.infer_schema import infer_schema as _infer_schema
 _LIBRARIES: dict = {}  # namespace -> its torch.library.Library (registrations live as long as it)
 
 
@@ -55,7 +50,7 @@ class _Op:
         library = _LIBRARIES.get(namespace)
         if library is None:
             library = _LIBRARIES[namespace] = torch.library.Library(namespace, "FRAGMENT")
-        library.define(name + _infer_schema(fn, mutates_args=()), tags=(torch.Tag.pt2_compliant_tag,))
+        library.define(name + torch.library.infer_schema(fn, mutates_args=()), tags=(torch.Tag.pt2_compliant_tag,))
         library.impl(name, fn, "CompositeExplicitAutograd")
         self.qualname = qualname
         self.overload = getattr(getattr(torch.ops, namespace), name).default
@@ -103,6 +98,51 @@ def _direct_launch(setting: str) -> bool:
 # Launch compiled kernels directly after their first launch (KernelLaunch), else every launch
 # through Triton's JITFunction.run.
 DIRECT_LAUNCH = _direct_launch(os.environ.get("SASA_TRITON_DIRECT_LAUNCH", ""))
+
+
+def fix_interpreter_index(interpreter) -> bool:
+    """Triton 3.3-3.6's interpreter turns a scalar (a kernel's int argument, a program id) into
+    a Python int, as `range()` and `tl.minimum(x, n)` bounds need, by int() of its one-element
+    1-d array, which numpy >= 2.4 refuses ("only 0-dimensional arrays can be converted to Python
+    scalars"; triton-lang/triton issue 9171, fixed in 3.7). Every interpreted kernel with a
+    runtime loop bound (the stems', spatial attention's) then fails. This applies 3.7's fix (int
+    of the squeezed array) on top of the interpreter's own patching of `tl.tensor`, which it
+    redoes (and on 3.6 undoes) around every interpreted launch. Returns whether it patched."""
+    original = getattr(interpreter, "_patch_lang_tensor", None)
+    if original is None or getattr(original, "index_fixed", False):
+        return False
+
+    def _patch_lang_tensor(tensor, *scope):
+        original(tensor, *scope)
+        index = lambda self: int(self.handle.data.squeeze())  # noqa: E731 (as 3.7's)
+        if scope:  # 3.6: a scope that restores each attribute after the launch
+            scope[0].set_attr(tensor, "__index__", index)
+        else:
+            tensor.__index__ = index
+
+    _patch_lang_tensor.index_fixed = True
+    interpreter._patch_lang_tensor = _patch_lang_tensor
+    return True
+
+
+def _numpy_refuses_array_to_int() -> bool:
+    import warnings
+
+    import numpy
+
+    with warnings.catch_warnings():  # (numpy 1.25-2.3 warn)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            int(numpy.ones(1, dtype=numpy.int32))
+        except TypeError:
+            return True
+    return False
+
+
+if _INTERPRET and TRITON_VERSION < (3, 7) and _numpy_refuses_array_to_int():
+    from triton.runtime import interpreter as _interpreter
+
+    fix_interpreter_index(_interpreter)
 
 
 class KernelLaunch:
@@ -224,7 +264,7 @@ def _hook_set(hook) -> bool:
 
 def launchable(kernel):
     """The kernel as the registered op must launch it (wrapped for tracing when compiled)."""
-    return _wrap_triton(kernel) if _USE_TRITON_OP else kernel
+    return torch.library.wrap_triton(kernel) if _USE_TRITON_OP else kernel
 
 
 def attention_outputs(q: torch.Tensor, y=None, lse=None):

@@ -156,3 +156,52 @@ def test_gpu_direct_launches_compute_what_triton_launches_compute(dtype, monkeyp
     through_triton = run()
     for name, a, b in zip(("y", "dq", "dk", "dv", "drel_rows", "drel_cols"), direct, through_triton):
         assert torch.equal(a, b), name
+
+
+class _Scope:
+    """Triton 3.6's _LangPatchScope: sets attributes and undoes them in reverse order."""
+    def __init__(self):
+        self.changes = []
+
+    def set_attr(self, obj, name, value):
+        self.changes.append((obj, name, obj.__dict__.get(name)))
+        setattr(obj, name, value)
+
+    def restore(self):
+        while self.changes:
+            obj, name, original = self.changes.pop()
+            setattr(obj, name, original) if original is not None else delattr(obj, name)
+
+
+@pytest.mark.parametrize("with_scope", [False, True], ids=["triton-3.3-3.5", "triton-3.6"])
+def test_interpreter_index_fix(with_scope):
+    """fix_interpreter_index makes a scalar's int() take its one-element array squeezed (Triton
+    3.7's fix of issue 9171), on top of the interpreter's own patching, in both of its forms
+    (3.3-3.5 set the attribute; 3.6 through a scope that undoes it after the launch); once."""
+    import numpy
+
+    class Handle:
+        data = numpy.array([7], dtype=numpy.int32)  # a scalar's data, as the interpreter holds it
+
+    class Tensor:
+        handle = Handle()
+
+    def refused(self):  # int() of the 1-d array, as numpy >= 2.4 answers it
+        if self.handle.data.ndim:
+            raise TypeError("only 0-dimensional arrays can be converted to Python scalars")
+        return int(self.handle.data)
+
+    def original(tensor, *scope):  # the interpreter's own patch
+        scope[0].set_attr(tensor, "__index__", refused) if scope else setattr(tensor, "__index__", refused)
+        tensor.patched = True
+
+    interpreter = types.SimpleNamespace(_patch_lang_tensor=original)
+    assert library.fix_interpreter_index(interpreter)
+    assert not library.fix_interpreter_index(interpreter)  # already fixed: not wrapped twice
+    scope = _Scope()
+    interpreter._patch_lang_tensor(Tensor, *([scope] if with_scope else []))
+    assert Tensor.patched and range(10)[Tensor()] == 7 and Tensor().__index__() == 7
+    if with_scope:
+        scope.restore()
+        assert "__index__" not in Tensor.__dict__
+    assert not library.fix_interpreter_index(types.SimpleNamespace())  # no such interpreter function: nothing
