@@ -102,9 +102,9 @@ DIRECT_LAUNCH = _direct_launch(os.environ.get("SASA_TRITON_DIRECT_LAUNCH", ""))
 
 def fix_interpreter_index(interpreter) -> bool:
     """Triton 3.3-3.6's interpreter turns a scalar (a kernel's int argument, a program id) into
-    a Python int, as `range()` and `tl.minimum(x, n)` bounds need, by int() of its one-element
-    1-d array, which numpy >= 2.4 refuses ("only 0-dimensional arrays can be converted to Python
-    scalars"; triton-lang/triton issue 9171, fixed in 3.7). Every interpreted kernel with a
+    a Python int, as a `range()` over it needs, by int() of its one-element 1-d array, which
+    numpy >= 2.4 refuses ("only 0-dimensional arrays can be converted to Python scalars";
+    triton-lang/triton issue 9171, fixed in 3.7). Every interpreted kernel with a
     runtime loop bound (the stems', spatial attention's) then fails. This applies 3.7's fix (int
     of the squeezed array) on top of the interpreter's own patching of `tl.tensor`, which it
     redoes (and on 3.6 undoes) around every interpreted launch. Returns whether it patched."""

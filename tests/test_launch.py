@@ -6,6 +6,9 @@ sm_90 behind a stand-in CUDA driver whose launcher records each call, and compar
 launches with Triton's (same compiled kernel, same tensors, grid, stream, function and metadata),
 also across a change of specialization (a table's dtype, a misaligned tensor). With a GPU the
 whole suite runs on the direct launches.
+
+Also here, the other Triton-version shim of sasa_triton._library: its fix of Triton 3.3-3.6's
+interpreter under numpy >= 2.4.
 """
 import contextlib
 import os
