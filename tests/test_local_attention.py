@@ -315,6 +315,27 @@ def test_dkdv_row_bias_by_fmas_and_by_dot_and_gather(dilation, padding, rel, dev
         torch.testing.assert_close(runs[1][name], runs[0][name], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("D", [8, 16])
+def test_dkdv_half_step_candidate(D, device):
+    """dk/dv's half-step candidates in 16 bits (config_space; one 16-wide row a step here, k = 7,
+    at D 8 with the row bias by FMAs, at D 16 by dot and gather) are in the tuner's space and
+    compute what the default computes: against float64, and dk, dv against the default's."""
+    B, H, W, heads, k, dtype = 1, 9, 11, 2, 7, torch.float16
+    default = tuning.gpu_default_config("local_bwd_dkdv", k, 1, D, dtype)
+    half = {**default, "STEP_ROWS": default["STEP_ROWS"] // 2}
+    assert half["STEP_ROWS"] >= 1 and half in candidates("local_bwd_dkdv", k, 1, D, dtype, 56, 56)
+    inputs, dy = make_inputs(B, H, W, heads, D, k, "shared", device, dtype)
+    options = dict(kernel_size=k, dilation=1, scale=0.5, padding="zeros")
+    exact, in_dtype = references(inputs, dy, **options)
+    defaults = gpu_defaults(k, 1, D, dtype)
+    runs = []
+    for config in (default, half):
+        runs.append(results_of_launchers(inputs, dy, {**defaults, "local_bwd_dkdv": config}, **options))
+        check_results(runs[-1], exact, in_dtype, dtype, label=f"dk/dv {config}")
+    for name in ("dk", "dv"):
+        torch.testing.assert_close(runs[1][name], runs[0][name], rtol=2e-3, atol=2e-3)
+
+
 # ----------------------------------------------------------------------------------------------
 # The check itself: it must reject what the kernels could get wrong
 # ----------------------------------------------------------------------------------------------

@@ -686,8 +686,17 @@ def config_space(kernel, kernel_size, dilation, head_dim, dtype, height_bucket, 
     tile's strip is narrower than an 8-wide one's, 8 x 2 and 16 x 2 where a 2-wide tile is the
     default; no wider or taller than the image needs),
     steps of the default's strip pixels and twice that (half of it and that where the default
-    takes a whole strip by WHOLE_STRIP_PIXELS), 1-2 warps for 16-bit inputs (4-8 for fp32's FMA
-    dots), 1-2 pipeline stages where a 16-bit kernel takes several steps.
+    takes a whole strip by WHOLE_STRIP_PIXELS; dk/dv in 16 bits half of it too: see below), 1-2
+    warps for 16-bit inputs (4-8 for fp32's FMA dots), 1-2 pipeline stages where a
+    16-bit kernel takes several steps.
+
+    dk/dv's half steps in 16 bits: at its default steps it holds 212-254 registers a thread (D 8
+    and 16, k = 3-15, sm_90), so 8-9 one-warp programs fit an SM; half a step holds 128-194 (10-16
+    programs), at -4 % to +0.7 % warp-instructions per (pixel, head) on Triton 3.9 where one
+    16-wide row is a step and the row bias takes the dot and gather (k >= 11; D 16 at k = 3, 7, 9)
+    and +10 % to +19 % elsewhere (D 8 at k = 3-9, whose row bias takes FMAs; k = 5), but +11 % to
+    +29 % everywhere on Triton 3.6 (bench/RESULTS.md, 2026-12-01). Which is faster is the card's
+    to say.
 
     The forward at D <= BLOCK_D / 2 in 16 bits (D = 8: ResNet-50's first stage) also tries its
     2 x 8 tiles with HEADS_PER_PROGRAM 2 (two heads share one K/V strip load; taken only where
@@ -719,6 +728,8 @@ def config_space(kernel, kernel_size, dilation, head_dim, dtype, height_bucket, 
         options = (default_pixels, default_pixels * 2)
         if default_pixels > STEP_PIXELS[kernel][min(channel_tile(head_dim), 128)]:
             options = (default_pixels // 2, default_pixels)  # a whole strip (WHOLE_STRIP_PIXELS), and half
+        elif kernel == "local_bwd_dkdv" and dtype != torch.float32:
+            options = (default_pixels // 2,) + options  # fewer registers a thread, more warps an SM
         for pixels in options:
             step_rows = min(max(1, pixels // halo_w), tuning.next_power_of_2(halo_rows))
             if step_rows * halo_w < 16:
