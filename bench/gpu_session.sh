@@ -32,7 +32,8 @@
 #   device thread and on the calling thread, and eager
 #   training steps either way), then the README's main command from an empty Triton cache (its
 #   cold-cache time; its training rows also run with the backward on the calling thread).
-# tune (~7 min): the backward kernels at 1/2 and 1/4 of their default steps (bench/gpu_step_sizes.py,
+# tune (~7 min): the backward kernels at 1/2 and 1/4 of their default steps, each with one and
+#   two pipeline stages (bench/gpu_step_sizes.py,
 #   dq's half step being its previous default: fewer registers, more occupancy, more
 #   instructions: which wins), every candidate of the stem
 #   kernels at the stem shape against the default (bench/sweep_candidates.py), then the tuner

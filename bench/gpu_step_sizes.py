@@ -7,10 +7,12 @@ occupancy, neither memory- nor issue-bound (dq: 253 registers, memory 53 %, SM 3
 2026-11-30 dq's default at these stages takes the whole haloed strip in one step (sm_90, Triton
 3.6: 190 registers and 8 % fewer instructions than the previous default, STEP_ROWS 4 with two
 pipeline stages, which is this probe's half step); dk/dv at half its step needs 189 registers
-instead of 224 (bench/RESULTS.md). Whether occupancy pays for instructions is this probe's
-question: each kernel alone (the other one's outputs prepared), `do_bench` medians of the
-default config and of 1/2 and 1/4 of its STEP_ROWS (down to one row; two pipeline stages where a
-step is less than the strip), three alternating rounds, and each smaller step's outputs against
+instead of 224, and 160 with one pipeline stage, which on Triton 3.6 also executes fewer
+instructions than two (156.5 against 173.6 per (pixel, head) at 56x56x64; bench/RESULTS.md,
+2026-12-01). Whether occupancy pays for instructions is this probe's question: each kernel
+alone (the other one's outputs prepared), `do_bench` medians of the default config and of 1/2
+and 1/4 of its STEP_ROWS (down to one row), each with one and with two pipeline stages, three
+alternating rounds, and each smaller step's outputs against
 the default's (max abs difference, relative to the default's max abs value). Prints one line per
 (stage, kernel, config).
 """
@@ -54,11 +56,9 @@ def main() -> int:
         D = shape[-1]
         for kernel in ("local_bwd_dq", "local_bwd_dkdv"):
             default = tuning.default_config(kernel, KSIZE, 1, D, torch.bfloat16)
-            steps, configs = default["STEP_ROWS"], []
-            halo_rows = default["BLOCK_H"] + 2 * (KSIZE // 2)
-            while steps >= 1 and len(configs) < 3:
-                stages = default["num_stages"] if steps >= halo_rows else 2  # as default_config would
-                configs.append({**default, "STEP_ROWS": steps, "num_stages": stages})
+            configs, steps = [default], default["STEP_ROWS"] // 2
+            while steps >= 1 and len(configs) < 5:  # two smaller steps, each with 1 and 2 stages
+                configs += [{**default, "STEP_ROWS": steps, "num_stages": stages} for stages in (1, 2)]
                 steps //= 2
             reference, runs = None, []
             for config in configs:
