@@ -10,8 +10,9 @@ pipeline stages, which is this probe's half step); dk/dv at half its step needs 
 instead of 224, and 160 with one pipeline stage, which on Triton 3.6 also executes fewer
 instructions than two (156.5 against 173.6 per (pixel, head) at 56x56x64; bench/RESULTS.md,
 2026-12-01). Whether occupancy pays for instructions is this probe's question: each kernel
-alone (the other one's outputs prepared), `do_bench` medians of the default config and of 1/2
-and 1/4 of its STEP_ROWS (down to one row), each with one and with two pipeline stages, three
+alone (the other one's outputs prepared), `do_bench` medians of the default config (and, where it
+takes several steps, of it with the other number of pipeline stages) and of 1/2 and 1/4 of its
+STEP_ROWS (down to one row), each with one and with two pipeline stages, three
 alternating rounds, and each smaller step's outputs against
 the default's (max abs difference, relative to the default's max abs value). Prints one line per
 (stage, kernel, config).
@@ -57,8 +58,11 @@ def main() -> int:
         for kernel in ("local_bwd_dq", "local_bwd_dkdv"):
             default = tuning.default_config(kernel, KSIZE, 1, D, torch.bfloat16)
             configs, steps = [default], default["STEP_ROWS"] // 2
-            while steps >= 1 and len(configs) < 5:  # two smaller steps, each with 1 and 2 stages
-                configs += [{**default, "STEP_ROWS": steps, "num_stages": stages} for stages in (1, 2)]
+            if default["STEP_ROWS"] < default["BLOCK_H"] + 2 * (KSIZE // 2):  # several steps: the other stages
+                configs.append({**default, "num_stages": 3 - default["num_stages"]})
+            for _ in range(2):  # two smaller steps (down to one row), each with 1 and 2 stages
+                if steps >= 1:
+                    configs += [{**default, "STEP_ROWS": steps, "num_stages": stages} for stages in (1, 2)]
                 steps //= 2
             reference, runs = None, []
             for config in configs:
