@@ -396,8 +396,8 @@ def run(argv=None, prog=None) -> dict:
             log(f"saved {args.out}")
         if created_group:
             # The ranks tear their group down together, not one while another still works (rank 0
-            # saving). In about 190 two-process gloo runs on a 2-core CPU without this barrier
-            # (2026-12-01), rank 1 aborted once ("terminate called without an active exception")
+            # saving). Without this barrier, in one of about 200 two-process gloo runs on a 2-core
+            # CPU (2026-12-01), rank 1 aborted ("terminate called without an active exception")
             # after rank 0 had saved; where in the teardown was not found.
             dist.barrier()
         return result
