@@ -57,13 +57,11 @@ def main() -> int:
         D = shape[-1]
         for kernel in ("local_bwd_dq", "local_bwd_dkdv"):
             default = tuning.default_config(kernel, KSIZE, 1, D, torch.bfloat16)
-            configs, steps = [default], default["STEP_ROWS"] // 2
-            if default["STEP_ROWS"] < default["BLOCK_H"] + 2 * (KSIZE // 2):  # several steps: the other stages
+            rows, configs = default["STEP_ROWS"], [default]
+            if rows < default["BLOCK_H"] + 2 * (KSIZE // 2):  # several steps: the other stages too
                 configs.append({**default, "num_stages": 3 - default["num_stages"]})
-            for _ in range(2):  # two smaller steps (down to one row), each with 1 and 2 stages
-                if steps >= 1:
-                    configs += [{**default, "STEP_ROWS": steps, "num_stages": stages} for stages in (1, 2)]
-                steps //= 2
+            configs += [{**default, "STEP_ROWS": steps, "num_stages": stages}  # down to one row
+                        for steps in (rows // 2, rows // 4) if steps for stages in (1, 2)]
             reference, runs = None, []
             for config in configs:
                 kernels = _buffers(shape, {kernel: config})
