@@ -123,6 +123,43 @@ def test_public_op_matches_reference(B, H, W, heads, D, k, dilation, padding, re
     check_results(results, *references(inputs, dy, **options), dtype)
 
 
+# Edge shapes: a 1 x 1 window, one-row, one-column and one-pixel images, heads of one and two
+# channels (the tables one channel each), a dilated window wider than the image.
+EDGE_CASES = [
+    # B, H, W, heads, D, k, dilation, padding, rel, dtype
+    case(2, 5, 6, 2, 8, 1, 1, "zeros", "shared", torch.float32),
+    case(1, 4, 9, 1, 16, 1, 1, "mask", None, torch.float16),
+    case(2, 1, 9, 2, 8, 5, 1, "mask", "per_head", torch.float32),
+    case(2, 1, 5, 3, 16, 9, 2, "mask", "per_head", torch.float16),
+    case(1, 7, 1, 1, 6, 3, 2, "zeros", "shared", torch.float16),
+    case(1, 1, 1, 2, 8, 7, 1, "zeros", "per_head", torch.float32),
+    case(2, 5, 4, 3, 1, 3, 1, "zeros", None, torch.float32),
+    case(1, 6, 5, 2, 2, 5, 1, "mask", "shared", torch.float32),
+    case(1, 4, 5, 1, 8, 5, 3, "mask", "shared", torch.float16),
+]
+
+
+@pytest.mark.parametrize("B,H,W,heads,D,k,dilation,padding,rel,dtype", EDGE_CASES)
+def test_edge_shapes_match_reference(B, H, W, heads, D, k, dilation, padding, rel, dtype, device):
+    """The public op at edge shapes, y and every gradient against float64. A gradient that is zero
+    in exact arithmetic (k = 1: a softmax over one key has none; one row with mask padding: the
+    rel_rows taps shift every logit of a query alike) comes out as rounding noise, in PyTorch's
+    computation as in the kernels' (which form p * (dp - delta) from the rounded y, as flash-
+    attention does): it is bounded by 3x PyTorch's largest error plus 64 ulps of y's scale."""
+    inputs, dy = make_inputs(B, H, W, heads, D, k, rel, device, dtype)
+    options = dict(kernel_size=k, dilation=dilation, scale=0.5, padding=padding)
+    results = results_by_autograd(sasa_triton.local_attention2d, inputs, dy, backend="triton", **options)
+    exact, in_dtype = references(inputs, dy, **options)
+    y_scale = exact["y"].abs().max().item()
+    assert y_scale > 0
+    for name in [name for name in exact if exact[name].abs().max().item() <= 1e-12 * y_scale]:
+        noise = (results[name].detach().double().cpu() - exact[name]).abs().max().item()
+        theirs = (in_dtype[name].detach().double().cpu() - exact[name]).abs().max().item()
+        assert noise <= 3 * theirs + 64 * torch.finfo(dtype).eps * y_scale, (name, noise, theirs)
+        del exact[name]
+    check_results(results, exact, in_dtype, dtype)
+
+
 def test_bf16_matches_reference(device):
     """bf16 through the public op (under the interpreter, computed in fp32: Triton's interpreter
     mishandles bf16) within bf16's bound of the float64 reference."""
