@@ -103,6 +103,9 @@ CASES = [
     pytest.param(1, 6, 5, 16, 2, 4, 4, "sliding", "zeros", True, id="B1-H6-W5-C16-h2-M4-bs4-sliding-zeros-cl"),
     pytest.param(1, 9, 7, 12, 2, 2, 3, "sliding", "mask", False, id="B1-H9-W7-C12-h2-M2-bs3-sliding-mask"),
     pytest.param(1, 12, 6, 8, 2, 2, 2, "block", "zeros", True, id="B1-H12-W6-C8-h2-M2-bs2-block-zeros-cl"),
+    # blocks of 32 taps or more: 2-row tiles, the backward's 2 x 8 on 8 warps (2 x 4 raised until 2026-12-01)
+    pytest.param(1, 6, 7, 8, 2, 2, 5, "block", "mask", False, id="B1-H6-W7-C8-h2-M2-bs5-block-mask"),
+    pytest.param(1, 5, 9, 8, 2, 3, 6, "sliding", "zeros", True, id="B1-H5-W9-C8-h2-M3-bs6-sliding-zeros-cl"),
 ]
 
 
@@ -386,9 +389,11 @@ def test_kernels_compile_for_sm90_without_spills():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
 @pytest.mark.parametrize("window,padding", [("block", "zeros"), ("sliding", "mask")])
-def test_gpu_stem_shapes(dtype, window, padding):
-    inputs = make_inputs(2, 3, 30, 27, 64, 4, 4, dtype, channels_last=True, seed=12, embed_dim=16)
-    check_all(*run_both(inputs, 4, 4, window, padding, dtype, "cuda", scale=1.0), dtype)
+@pytest.mark.parametrize("block_size", [4, 5], ids=["bs4", "bs5"])
+def test_gpu_stem_shapes(dtype, window, padding, block_size):
+    """The paper's 4x4 blocks, and 5x5 ones (2-row tiles, the backward on 8 warps), compiled."""
+    inputs = make_inputs(2, 3, 30, 27, 64, 4, block_size, dtype, channels_last=True, seed=12, embed_dim=16)
+    check_all(*run_both(inputs, 4, block_size, window, padding, dtype, "cuda", scale=1.0), dtype)
 
 
 @pytest.mark.gpu

@@ -247,10 +247,16 @@ def default_config(kernel: str, block_size: int) -> dict:
     the block for block_size <= 4, so a tile is whole block rows), num_warps 4; small enough for the
     (pixels, taps, channels) tiles to stay in registers. sm_90, 3 -> 64 channels, 4 heads, 4x4
     blocks (ptxas -v): fwd 4x16 96-140 registers, bwd 4x4 164-168 in bf16 and 248-252 in fp32
-    (ieee dots; 4x8 would take 245-255), dx 4x8 40-48; no spills."""
+    (ieee dots; 4x8 would take 245-255), dx 4x8 40-48; no spills.
+
+    Larger blocks (32 taps or more) take 2-row tiles, and the backward 2 x 8 (a tile's dots need
+    16 pixels) on 8 warps: at 4 warps its fp32 tiles spilled 4-16 bytes at 5x5 blocks and 716 at
+    7x7, at 8 warps 0 and 8-40 (bf16: 183-204 registers at 5x5, 248-255 at 7x7, no spill; sm_90,
+    Triton 3.9, 2026-12-01)."""
     tile_h = 4 if block_size <= 4 else 2
-    tile_w = {"fwd": 16, "bwd": 4, "dx": 8}[kernel]
-    return dict(TILE_H=tile_h, TILE_W=tile_w, num_warps=4, num_stages=1)
+    tile_w = {"fwd": 16, "bwd": 4 if block_size <= 4 else 8, "dx": 8}[kernel]
+    num_warps = 8 if kernel == "bwd" and block_size > 4 else 4
+    return dict(TILE_H=tile_h, TILE_W=tile_w, num_warps=num_warps, num_stages=1)
 
 
 def _meta(x, block_size, window, config):
