@@ -5,6 +5,7 @@ names the argument, before anything reaches a kernel.
 """
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -51,6 +52,8 @@ def check_positive_int(value, name: str) -> int:
 def check_scale(scale) -> float:
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be a float, got {type(scale).__name__}")
+    if not math.isfinite(scale):  # every logit, and so every output, would be NaN
+        raise ValueError(f"scale must be finite, got {scale}")
     return float(scale)
 
 

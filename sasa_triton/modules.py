@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._utils import check_choice, check_kernel_size, check_positive_int, resolve_backend, BACKENDS, PADDINGS
+from ._utils import check_choice, check_kernel_size, check_positive_int, check_scale, resolve_backend, BACKENDS, PADDINGS
 from .ops.local_attention import local_attention2d
 
 
@@ -73,7 +73,7 @@ class SelfAttention2d(nn.Module):
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride, self.heads, self.dilation = kernel_size, stride, heads, dilation
         self.padding, self.backend, self.rel_per_head = padding, backend, rel_per_head
-        self.scale = 1.0 if scale is None else float(scale)
+        self.scale = 1.0 if scale is None else check_scale(scale)  # finite
         head_dim = out_channels // heads
         if head_dim < 2:
             raise ValueError(f"out_channels // heads must be >= 2 for the row/column embeddings, got {head_dim}")

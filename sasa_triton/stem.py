@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._utils import BACKENDS, PADDINGS, WINDOWS, check_choice, check_positive_int, resolve_backend
+from ._utils import BACKENDS, PADDINGS, WINDOWS, check_choice, check_positive_int, check_scale, resolve_backend
 from .modules import _check_channels, check_image_input
 from .ops.attention_stem import attention_stem2d
 from .ops.spatial_attention import spatial_attention2d
@@ -67,7 +67,7 @@ class SpatialAttention2d(nn.Module):
         self.in_channels, self.out_channels, self.block_size = in_channels, out_channels, block_size
         self.heads, self.mixtures, self.embed_dim = heads, mixtures, embed_dim
         self.window, self.padding, self.backend = window, padding, backend
-        self.scale = 1.0 if scale is None else float(scale)
+        self.scale = 1.0 if scale is None else check_scale(scale)  # finite
         # Output channels: [q | k | v_0 | ... | v_{M-1}], out_channels each.
         self.qkv = nn.Conv2d(in_channels, (2 + mixtures) * out_channels, kernel_size=1, bias=False)
         self.emb_row = nn.Parameter(torch.empty(block_size, embed_dim))

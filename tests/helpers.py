@@ -155,6 +155,7 @@ def known_spill_bytes(kernel: str, head_dim) -> int:
 STEM_OPTION_ERRORS = [
     pytest.param(dict(block_size=2.0), TypeError, "block_size must be an int", id="block_size-float"),
     pytest.param(dict(scale="1"), TypeError, "scale must be a float", id="scale-str"),
+    pytest.param(dict(scale=float("inf")), ValueError, "scale must be finite", id="scale-inf"),
     pytest.param(dict(window="global"), ValueError, "window must be one of", id="window"),
     pytest.param(dict(padding="reflect"), ValueError, "padding must be one of", id="padding"),
     pytest.param(dict(backend="cuda"), ValueError, "backend must be one of", id="backend"),

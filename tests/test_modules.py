@@ -102,6 +102,7 @@ def test_projection_output_is_a_free_view():
     (dict(in_channels=4, out_channels=8, padding="reflect"), "padding"),
     (dict(in_channels=4, out_channels=8, backend="cuda"), "backend"),
     (dict(in_channels=4, out_channels=8, heads=8), "must be >= 2"),
+    (dict(in_channels=4, out_channels=8, scale=float("nan")), "scale must be finite"),
 ])
 def test_layer_rejects_bad_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -201,6 +202,8 @@ def _ok():
     (dict(q=torch.randint(0, 3, (1, 4, 4, 2, 8))), TypeError, "q must be a floating-point"),
     (dict(k=torch.randn(1, 4, 4, 2, 8).double()), TypeError, "share a dtype"),
     (dict(scale="big"), TypeError, "scale"),
+    (dict(scale=float("nan")), ValueError, "scale must be finite"),
+    (dict(scale=float("-inf")), ValueError, "scale must be finite"),
     (dict(q=[1.0]), TypeError, "q must be a torch.Tensor"),
 ])
 def test_op_rejects_bad_input(change, error, match):

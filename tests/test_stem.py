@@ -111,6 +111,7 @@ BAD_CONSTRUCTOR_ARGS = [
     pytest.param(dict(padding="reflect"), ValueError, "padding", id="padding"),
     pytest.param(dict(backend="cuda"), ValueError, "backend", id="backend"),
     pytest.param(dict(scale="1"), TypeError, "scale", id="scale-str"),
+    pytest.param(dict(scale=float("inf")), ValueError, "scale must be finite", id="scale-inf"),
     pytest.param(dict(embed_dim=0), ValueError, "embed_dim", id="embed_dim-0"),
 ]
 
