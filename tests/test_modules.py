@@ -214,6 +214,16 @@ def test_op_rejects_bad_input(change, error, match):
         sasa_triton.local_attention2d(**args, backend=backend)
 
 
+def test_op_checks_the_scale_of_every_call(device):
+    """The op checks its arguments once per kind of call (shapes, dtypes, options); a non-finite
+    scale still raises after a finite one made that kind known."""
+    q = torch.randn(1, 4, 4, 2, 8, device=device)
+    sasa_triton.local_attention2d(q, q, q, kernel_size=3, scale=0.5, backend="triton")
+    for scale in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="scale must be finite"):
+            sasa_triton.local_attention2d(q, q, q, kernel_size=3, scale=scale, backend="triton")
+
+
 def test_op_rejects_device_mismatch():
     args = _ok()
     args["rel_rows"] = args["rel_rows"].to("meta")
