@@ -59,7 +59,7 @@ RMS_ATOL_UNITS = {torch.float32: 32.0, torch.float16: 1.0, torch.bfloat16: 1.0, 
 
 def assert_close_to_reference(actual: torch.Tensor, expected64: torch.Tensor, expected_lowp: torch.Tensor,
                               dtype: torch.dtype, name: str = "", factor: float = FACTOR,
-                              atol_units: float | None = None) -> None:
+                              atol_units: float | None = None, rms_atol_units: float | None = None) -> None:
     """`actual` (a kernel's result from `dtype` inputs) against the float64 reference `expected64`,
     allowing `factor` times the error of `expected_lowp`, the same function computed by PyTorch in
     `dtype` (reference_in_dtype) on the same inputs:
@@ -68,9 +68,11 @@ def assert_close_to_reference(actual: torch.Tensor, expected64: torch.Tensor, ex
         rms(actual - ref64) <= factor * rms(lowp - ref64) + RMS_ATOL_UNITS[dtype] * u * rms(ref64)
 
     with u the unit roundoff of `dtype` and atol = atol_units (default ATOL_UNITS[dtype]) * u *
-    rms(ref64). No NaN/inf; on failure the message names the worst element.
+    rms(ref64); rms_atol_units defaults to RMS_ATOL_UNITS[dtype]. No NaN/inf; on failure the
+    message names the worst element.
     """
     atol_units = ATOL_UNITS[dtype] if atol_units is None else atol_units
+    rms_atol_units = RMS_ATOL_UNITS[dtype] if rms_atol_units is None else rms_atol_units
     assert actual.shape == expected64.shape == expected_lowp.shape, (
         f"{name}: shapes {tuple(actual.shape)}, {tuple(expected64.shape)}, {tuple(expected_lowp.shape)} differ")
     actual, ref, lowp = (t.detach().double().cpu() for t in (actual, expected64, expected_lowp))
@@ -88,10 +90,10 @@ def assert_close_to_reference(actual: torch.Tensor, expected64: torch.Tensor, ex
             f"reference's error + {atol_units:g} u (rms + |y|) (u = {u:.2e}, rms {scale:.3g}); worst at {idx}: got "
             f"{actual[idx].item():.6g}, float64 {ref[idx].item():.6g}, {dtype} reference {lowp[idx].item():.6g}")
     rms_err, rms_base = err.pow(2).mean().sqrt().item(), base.pow(2).mean().sqrt().item()
-    limit = factor * rms_base + RMS_ATOL_UNITS[dtype] * u * scale
+    limit = factor * rms_base + rms_atol_units * u * scale
     assert rms_err <= limit, (
         f"{name}: RMS error {rms_err:.3e} > {factor:g} x the {dtype} reference's {rms_base:.3e} "
-        f"+ {RMS_ATOL_UNITS[dtype]:g} u rms = {limit:.3e}; worst element at {_worst(err)}")
+        f"+ {rms_atol_units:g} u rms = {limit:.3e}; worst element at {_worst(err)}")
 
 
 def reference_in_dtype(q, k, v, rel_rows=None, rel_cols=None, kernel_size=7, dilation=1, scale=1.0,

@@ -505,3 +505,15 @@ def test_gpu_host_path_benchmark_launches_the_kernels():
     for name in ("fwd_us", "fwd_bwd_us", "floor_fwd_us", "floor_fwd_bwd_us", "layer_fwd_us", "layer_fwd_bwd_us",
                  "proj_fwd_us", "proj_fwd_bwd_us"):
         assert 0 < result[name] < 1e6, (name, result)
+
+
+def test_fuzz_script_runs_its_cases():
+    """bench/fuzz_ops.py (random shapes and options of the local and stem ops against float64,
+    under the interpreter) prints a line per case and exits 0 when every case is within bounds."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, os.path.join(root, "bench", "fuzz_ops.py"), "--seed", "7", "--cases", "6"],
+                          cwd=root, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("\nok   ") + proc.stdout.startswith("ok   ") == 6
+    assert "6 of 6 cases within bounds, 0 failed" in proc.stdout
+    assert "local " in proc.stdout and "spatial " in proc.stdout
