@@ -23,6 +23,7 @@ import argparse
 import os
 import random
 import sys
+import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -124,6 +125,10 @@ def main(argv=None) -> int:
     parser.add_argument("--cases", type=int, default=40)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = parser.parse_args(argv)
+    # As the tests pin them (tests/conftest.py): the default configs, no tuned file, TF32 off.
+    os.environ["SASA_TRITON_AUTOTUNE"] = "0"
+    os.environ.setdefault("SASA_TRITON_CACHE_DIR", tempfile.mkdtemp(prefix="sasa_triton_fuzz_"))
+    os.environ.pop("SASA_TRITON_CONFIG_FILE", None)
     if args.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         # The interpreter must be on before triton is imported: run again in a child.
         import subprocess
@@ -133,6 +138,8 @@ def main(argv=None) -> int:
     sys.path.insert(0, ROOT)
     import torch
 
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
     # The interpreter mishandles bf16 (the ops compute it in fp32 there): fp32 and fp16 on the CPU.
     dtypes = [torch.float32, torch.float16] + ([torch.bfloat16] if args.device == "cuda" else [])
     rng = random.Random(args.seed)

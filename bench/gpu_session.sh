@@ -18,9 +18,10 @@
 #   rows), the k = 11 / 15 candidate sweeps (sharded) and the CUDA-graph test, the tuner's seconds
 #   per key, ncu at 14x14x256 and 56x56x64, an eager model step's host time module by module.
 # verify (~9.5 min): check's suite and quick check, then bench (no tuner, timings or ncu).
-# suite (~8 min with SUITE_S=420): check's suite (the whole of it, the k = 11 / 15 candidate
+# suite (~9 min with SUITE_S=420): check's suite (the whole of it, the k = 11 / 15 candidate
 #   sweep shards and the direct-launch checks included) beside the quick check, then an eager
-#   model step's host time module by module (bench/gpu_model_host.py). What issue 11's "done
+#   model step's host time module by module (bench/gpu_model_host.py), then FUZZ_S (60) seconds
+#   of random cases compiled against float64 (bench/fuzz_ops.py --device cuda). What issue 11's "done
 #   when" still asks of a card after 2026-11-30 is the whole suite at the current commit and the
 #   k = 11 / 15 sweep; with a 15-minute lease: `SUITE_S=420 bash bench/gpu_session.sh suite`, then
 #   `BENCH_S=240 bash bench/gpu_session.sh bench` (the README's main command, whose graph-replayed
@@ -77,6 +78,11 @@ fi
 if [[ "$what" == suite ]]; then
   timeout 40 python bench/gpu_model_host.py >"$OUT/host.log" 2>&1
   stamp "model host rc=$?"; cat "$OUT/host.log"
+  # Random shapes, options and tuner candidates of the local and stem ops, compiled, bf16 too,
+  # against float64 (bench/fuzz_ops.py), for as long as FUZZ_S allows (the cases done are logged).
+  timeout "${FUZZ_S:-60}" python bench/fuzz_ops.py --device cuda --seed "${FUZZ_SEED:-1}" --cases 500 \
+    >"$OUT/fuzz.log" 2>&1
+  stamp "fuzz rc=$? (124: time box)"; grep -c "^ok" "$OUT/fuzz.log"; grep "^FAIL" "$OUT/fuzz.log" | head -20
 fi
 
 if [[ "$what" == check || "$what" == all ]]; then
