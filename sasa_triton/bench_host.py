@@ -11,7 +11,10 @@ kernel and Triton's own launcher. `--calls` calls in 40 rounds, after a warmup, 
 PyTorch's floor for the same call; the fastest round counts (on a shared machine other load only
 ever adds time), on one CPU thread. The default shape
 has batch 1 so that the CPU's own work on the tensors (allocation, the sum of the relative-table
-partial gradients), which a GPU does asynchronously, stays negligible next to the Python.
+partial gradients), which a GPU does asynchronously, stays negligible next to the Python. A
+forward + `autograd.grad` of one call also pays autograd's start-up of a backward pass, which a
+model pays once a step: the same calls in a chain of CHAIN (16), one backward at the end, give the
+cost per call inside a model's graph (the op's and the floor's).
 
 On a GPU, the same path's wall time per call (launch included) is what `--gpu` measures: CUDA
 tensors at 7x7, kernels really launched, the time to enqueue (not to finish) each call.
@@ -45,6 +48,9 @@ def _time_rounds(jobs: dict, repeats: int = 40, clock=time.process_time, sync=la
             best[name] = min(best[name], (clock() - start) / per_round * 1e6)
             sync()
     return best
+
+
+CHAIN = 16  # op calls in the chained forward + backward (host_calls)
 
 
 def host_calls(shape=(1, 7, 7, 8, 64), kernel_size=7, device="cpu", stub=True, dtype_name="float32") -> tuple:
@@ -107,6 +113,24 @@ def host_calls(shape=(1, 7, 7, 8, 64), kernel_size=7, device="cpu", stub=True, d
     def floor_forward_backward():
         torch.autograd.grad(Floor.apply(*leaves), leaves, dy)
 
+    # The op inside a longer graph, as a model runs it: CHAIN calls, each one's y the next one's q
+    # (k, v and tables of its own, so no gradient is accumulated twice), and one autograd.grad at
+    # the end. Per call, that is its forward and its backward node without autograd's start-up of
+    # a backward pass, which a model pays once a step (timed for the whole chain; measure()
+    # divides by CHAIN).
+    chain_leaves = [leaves[0]] + [t.detach().clone().requires_grad_(True) for _ in range(CHAIN) for t in leaves[1:]]
+
+    def chain(fn):
+        def run():
+            y = chain_leaves[0]
+            for i in range(CHAIN):
+                y = fn(y, *chain_leaves[1 + 4 * i:5 + 4 * i])
+            torch.autograd.grad(y, chain_leaves, dy)
+        return run
+
+    chain_forward_backward = chain(lambda *args: sasa_triton.local_attention2d(*args, **kwargs))
+    floor_chain_forward_backward = chain(Floor.apply)
+
     # The layer (SelfAttention2d on channels_last input, as the models run it) and the part of
     # it that is not this package's: its 1x1 qkv projection alone. Stubbed, at most 64 channels
     # (D 8): at 512 the CPU's own convolution takes a millisecond and drowns the Python.
@@ -135,7 +159,8 @@ def host_calls(shape=(1, 7, 7, 8, 64), kernel_size=7, device="cpu", stub=True, d
         torch.autograd.grad(layer.qkv(x), (x, layer.qkv.weight), proj_dy)
 
     fns = {"fwd_us": forward, "fwd_bwd_us": forward_backward, "floor_fwd_us": floor_forward,
-           "floor_fwd_bwd_us": floor_forward_backward, "layer_fwd_us": layer_forward,
+           "floor_fwd_bwd_us": floor_forward_backward, "fwd_bwd_chain_us": chain_forward_backward,
+           "floor_fwd_bwd_chain_us": floor_chain_forward_backward, "layer_fwd_us": layer_forward,
            "layer_fwd_bwd_us": layer_forward_backward, "proj_fwd_us": proj_forward,
            "proj_fwd_bwd_us": proj_forward_backward}
     return fns, C, launched, restore
@@ -151,9 +176,11 @@ def measure(shape=(1, 7, 7, 8, 64), kernel_size=7, calls=2000, device="cpu", stu
     fns, C, launched, restore = host_calls(shape, kernel_size, device, stub, dtype_name)
     try:
         rounds = max(1, calls // 4)  # the forward + backward calls take about four times as long
-        best = _time_rounds({name: (fn, rounds if "bwd" in name else calls) for name, fn in fns.items()},
+        best = _time_rounds({name: (fn, max(1, rounds // CHAIN) if "chain" in name else rounds if "bwd" in name
+                                    else calls) for name, fn in fns.items()},
                             clock=time.perf_counter if device == "cuda" else time.process_time,
                             sync=torch.cuda.synchronize if device == "cuda" else (lambda: None))
+        best = {name: us / CHAIN if "chain" in name else us for name, us in best.items()}
     finally:
         restore()
     if stub:
@@ -188,6 +215,9 @@ def main(argv=None, prog=None) -> int:
           f"autograd.Function that only allocates the outputs): forward {result['floor_fwd_us']:.1f} us, "
           f"forward+backward {result['floor_fwd_bwd_us']:.1f} us; the op's own share over that floor: forward+backward "
           f"{result['fwd_bwd_us'] - result['floor_fwd_bwd_us']:.1f} us")
+    print(f"in a chain of {CHAIN} calls with one autograd.grad (a model's backward pass): forward+backward "
+          f"{result['fwd_bwd_chain_us']:.1f} us per call, PyTorch's floor {result['floor_fwd_bwd_chain_us']:.1f} us, the "
+          f"op's own share {result['fwd_bwd_chain_us'] - result['floor_fwd_bwd_chain_us']:.1f} us")
     B, H, W, heads, _ = result["shape"]
     print(f"SelfAttention2d({result['layer_channels']}, {result['layer_channels']}, heads={heads}) on a channels_last "
           f"{B} x {result['layer_channels']} x {H} x {W} x: forward "
