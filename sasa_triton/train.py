@@ -395,11 +395,7 @@ def run(argv=None, prog=None) -> dict:
                        args.out)
             log(f"saved {args.out}")
         if created_group:
-            # The ranks tear their group down together, not one while another still works (rank 0
-            # saving). Without this barrier, in one of about 200 two-process gloo runs on a 2-core
-            # CPU (2026-12-01), rank 1 aborted ("terminate called without an active exception")
-            # after rank 0 had saved; where in the teardown was not found.
-            dist.barrier()
+            dist.barrier()  # every rank is past its last collective before any leaves (main)
         return result
     finally:
         torch.set_num_threads(previous_threads)
@@ -408,8 +404,21 @@ def run(argv=None, prog=None) -> dict:
 
 
 def main(argv=None, prog=None) -> int:
-    """The command line (`python -m sasa_triton.train`, `sasa-triton train`): 0 on success."""
+    """The command line (`python -m sasa_triton.train`, `sasa-triton train`): 0 on success.
+
+    A rank of a multi-process run that succeeded leaves through os._exit, without the
+    interpreter's teardown: gloo's worker threads outlive destroy_process_group (DDP keeps the
+    group alive), and one still releasing its last collective when the interpreter finalizes
+    takes the GIL there, which ends the thread inside a C++ destructor: std::terminate, SIGABRT.
+    Seen in about 1 of 100-200 two-process runs on a 2-core CPU (tests/test_train.py's DDP test);
+    its core dump (2026-12-01): a gloo worker in ~AsyncBarrierWork -> ~AsyncAllreduceWork -> a
+    tensor's PyObject decref -> take_gil -> pthread_exit -> std::terminate, while the main thread
+    was in Py_FinalizeEx (PyTorch's pull request 179291 describes the same)."""
     run(argv, prog)
+    if _launch_env()[1] > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 
