@@ -1,4 +1,5 @@
 """SelfAttention2d and the input validation of local_attention2d."""
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -219,9 +220,11 @@ def test_op_checks_the_scale_of_every_call(device):
     scale still raises after a finite one made that kind known."""
     q = torch.randn(1, 4, 4, 2, 8, device=device)
     sasa_triton.local_attention2d(q, q, q, kernel_size=3, scale=0.5, backend="triton")
-    for scale in (float("nan"), float("inf")):
+    for scale in (float("nan"), float("inf"), np.float64("nan")):
         with pytest.raises(ValueError, match="scale must be finite"):
             sasa_triton.local_attention2d(q, q, q, kernel_size=3, scale=scale, backend="triton")
+    with pytest.raises(TypeError, match="scale must be a float, got Tensor"):
+        sasa_triton.local_attention2d(q, q, q, kernel_size=3, scale=torch.ones(2), backend="triton")
 
 
 def test_op_rejects_device_mismatch():

@@ -1253,7 +1253,7 @@ def _route(q, k, v, rel_rows, rel_cols, kernel_size, dilation, scale, padding, b
         dtype = q.dtype
         key = (type(q), type(k), type(v), q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(), dtype,
                k.dtype, v.dtype, q.device, k.device, v.device, rel, kernel_size, type(kernel_size), dilation,
-               type(dilation), type(scale), math.isfinite(scale), padding, backend, os.environ.get("TRITON_INTERPRET"),
+               type(dilation), type(scale), not isinstance(scale, float) or math.isfinite(scale), padding, backend, os.environ.get("TRITON_INTERPRET"),
                dot_precision(dtype) if dtype == torch.float32 else None)
         kind = _ROUTES.get(key)
     except (AttributeError, TypeError):  # not tensors, or unhashable arguments: the full checks say why
