@@ -118,13 +118,14 @@ def host_calls(shape=(1, 7, 7, 8, 64), kernel_size=7, device="cpu", stub=True, d
     # the end. Per call, that is its forward and its backward node without autograd's start-up of
     # a backward pass, which a model pays once a step (timed for the whole chain; measure()
     # divides by CHAIN).
-    chain_leaves = [leaves[0]] + [t.detach().clone().requires_grad_(True) for _ in range(CHAIN) for t in leaves[1:]]
+    own = [[t.detach().clone().requires_grad_(True) for t in leaves[1:]] for _ in range(CHAIN)]  # k, v, tables
+    chain_leaves = [leaves[0], *(t for call in own for t in call)]
 
     def chain(fn):
         def run():
-            y = chain_leaves[0]
-            for i in range(CHAIN):
-                y = fn(y, *chain_leaves[1 + 4 * i:5 + 4 * i])
+            y = leaves[0]
+            for call in own:
+                y = fn(y, *call)
             torch.autograd.grad(y, chain_leaves, dy)
         return run
 

@@ -96,6 +96,24 @@ def assert_close_to_reference(actual: torch.Tensor, expected64: torch.Tensor, ex
         f"+ {rms_atol_units:g} u rms = {limit:.3e}; worst element at {_worst(err)}")
 
 
+def zero_in_exact_arithmetic(expected64: torch.Tensor, scale: float) -> bool:
+    """Whether a float64 result is zero next to `scale` (the output's largest value): a gradient
+    that vanishes in exact arithmetic (a softmax over one key; logits all shifted alike)."""
+    return expected64.detach().abs().max().item() <= 1e-12 * scale
+
+
+def assert_rounding_noise(actual: torch.Tensor, expected64: torch.Tensor, dtype: torch.dtype, scale: float,
+                          name: str = "", expected_lowp: torch.Tensor | None = None) -> None:
+    """A result that is zero in exact arithmetic is rounding noise in every implementation: at
+    most 3x PyTorch's largest error in `dtype` (expected_lowp, where given) plus 64 ulps of
+    `scale`."""
+    error = lambda t: (t.detach().double().cpu() - expected64.detach().cpu()).abs().max().item()
+    noise = error(actual)
+    theirs = 0.0 if expected_lowp is None else error(expected_lowp)
+    assert noise <= 3 * theirs + 64 * torch.finfo(dtype).eps * scale, (
+        f"{name}: zero in exact arithmetic, got {noise:.3g} (PyTorch {theirs:.3g})")
+
+
 def reference_in_dtype(q, k, v, rel_rows=None, rel_cols=None, kernel_size=7, dilation=1, scale=1.0,
                        padding="zeros"):
     """Local attention (SPEC section 1) computed by PyTorch in q's dtype, every intermediate in

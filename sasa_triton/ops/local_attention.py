@@ -1244,8 +1244,8 @@ _ROUTES: dict = {}  # kind of call -> [route, the tuning state its plan came fro
 
 def _route(q, k, v, rel_rows, rel_cols, kernel_size, dilation, scale, padding, backend) -> tuple:
     """(_check_and_route's route, the kind's cache entry or None): the checks once per kind of call
-    (same types, shapes, strides, dtypes and devices, options, whether scale is finite, fp32 matmul precision and
-    TRITON_INTERPRET setting), which then costs one dict lookup per call, and its launch plan
+    (same types, shapes, strides, dtypes and devices, options, whether scale is finite, fp32 matmul
+    precision and TRITON_INTERPRET setting), which then costs one dict lookup per call, and its launch plan
     kept with it (_kind_plan)."""
     try:
         rel = None if rel_rows is None else (type(rel_rows), rel_rows.shape, rel_rows.dtype, rel_rows.device,
@@ -1253,8 +1253,8 @@ def _route(q, k, v, rel_rows, rel_cols, kernel_size, dilation, scale, padding, b
         dtype = q.dtype
         key = (type(q), type(k), type(v), q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(), dtype,
                k.dtype, v.dtype, q.device, k.device, v.device, rel, kernel_size, type(kernel_size), dilation,
-               type(dilation), type(scale), not isinstance(scale, float) or math.isfinite(scale), padding, backend, os.environ.get("TRITON_INTERPRET"),
-               dot_precision(dtype) if dtype == torch.float32 else None)
+               type(dilation), type(scale), not isinstance(scale, float) or math.isfinite(scale), padding, backend,
+               os.environ.get("TRITON_INTERPRET"), dot_precision(dtype) if dtype == torch.float32 else None)
         kind = _ROUTES.get(key)
     except (AttributeError, TypeError):  # not tensors, or unhashable arguments: the full checks say why
         return _check_and_route(q, k, v, rel_rows, rel_cols, kernel_size, dilation, scale, padding, backend,
