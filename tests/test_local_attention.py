@@ -616,6 +616,13 @@ def test_launch_plans_are_cached_per_layout_and_follow_the_tuning_state(device):
     with pytest.raises(ValueError, match="rows are too far apart"):
         wide = torch.empty(1, 4, 2 ** 28, 2, 8, device="meta")
         _op_plan(wide, wide, wide, None, 3, 1, "zeros")
+    # CUDA's grid takes at most 65535 row (column) tiles: one more is a clear error, not a driver's.
+    row_tiles = torch.empty(1, 65535 * plan.fwd.meta["BLOCK_H"], 1, 1, 8, device="meta")
+    assert _op_plan(row_tiles, row_tiles, row_tiles, None, 3, 1, "zeros").fwd.grid[1] == 65535
+    for shape, name in (((1, 65535 * 16 + 1, 1, 1, 8), "height"), ((1, 1, 65535 * 16 + 1, 1, 8), "width")):
+        tall = torch.empty(shape, device="meta")
+        with pytest.raises(ValueError, match=f"image {name} {65535 * 16 + 1} is too large for the kernels' launch grid"):
+            _op_plan(tall, tall, tall, None, 3, 1, "zeros")
 
 
 def test_op_calls_find_their_plan_with_their_route(device, monkeypatch):

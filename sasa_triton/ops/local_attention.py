@@ -812,6 +812,21 @@ class _Plan:
         return self.packed
 
 
+# CUDA launches at most 65535 programs along a grid's second and third axes (the row and column
+# tiles; the first, B * heads, takes 2**31 - 1).
+MAX_GRID_TILES = 65535
+
+
+def _check_grid(plan: _Plan, H: int, W: int) -> None:
+    """A launch's row and column tiles must fit CUDA's grid (the interpreter is held to it too, so
+    that a shape fails alike everywhere, with this message rather than a driver error)."""
+    for size, name, tile, tiles in ((H, "height", plan.meta["BLOCK_H"], plan.grid[1]),
+                                    (W, "width", plan.meta["BLOCK_W"], plan.grid[2])):
+        if tiles > MAX_GRID_TILES:
+            raise ValueError(f"q's image {name} {size} is too large for the kernels' launch grid: at most "
+                             f"{MAX_GRID_TILES} tiles of {tile} pixels ({MAX_GRID_TILES * tile}) along it")
+
+
 def _check_offsets(stride_h: int, plan: _Plan) -> None:
     """The kernels address a tile's haloed strip with int32 offsets from an int64 origin."""
     rows = plan.meta["BLOCK_H"] + 2 * plan.meta["DILATION"] * (plan.meta["KSIZE"] // 2) + plan.meta["STEP_ROWS"]
@@ -843,6 +858,7 @@ class _OpPlan:
             for name in KERNELS)
         for plan in (self.fwd, self.dq, self.dkdv):
             _check_offsets(self.strides[1], plan)
+            _check_grid(plan, H, W)
         # (an even D: (programs, 2, k, D / 2), the same memory, whose sum unbinds into both tables)
         self.drel_shape = ((1,) if rel_rows is None else (self.dq.programs, 2, kernel_size, D // 2) if D % 2 == 0
                            else (self.dq.programs, kernel_size * D))
