@@ -66,6 +66,18 @@ class _Op:
         torch.library.register_autograd(self.qualname, backward, setup_context=setup_context)
 
 
+def differentiable_backward(reference, inputs, dy) -> list:
+    """The gradients of reference(*inputs) (an op's PyTorch reference) against dy, as a graph of
+    PyTorch ops (create_graph): an op's backward takes this where it runs with grad enabled, which
+    is autograd's create_graph=True (a gradient penalty, a double backward). The Triton backward's
+    outputs have no graph: through them the second-order terms would be silently zero.
+    None for each input that is None or does not require grad."""
+    needed = [t for t in inputs if t is not None and t.requires_grad]
+    grads = iter(torch.autograd.grad(reference(*inputs), needed, dy, create_graph=True, allow_unused=True)
+                 if needed else ())
+    return [next(grads) if t is not None and t.requires_grad else None for t in inputs]
+
+
 # Options every launch of the package's kernels passes (and the static compiles in _compile.py).
 # Fused multiply-adds: the default of Triton 3.3-3.9, under which the kernels were validated and
 # their instruction counts measured; Triton 3.9 warns that its default turns them off in 3.10

@@ -193,3 +193,30 @@ def autograd_graph_nodes(grad_fn) -> set:
         names.add(type(node).__name__)
         stack.extend(next_fn for next_fn, _ in node.next_functions)
     return names
+
+
+def penalty_gradients(fn, leaves, seed=0) -> tuple:
+    """The gradients a gradient penalty (a GAN's R1 term, any double backward) takes through fn:
+    L = sum(fn(*leaves) * w) for a fixed random w, its gradients g = dL/d(leaves) with
+    create_graph=True, then P = sum_i sum(g_i * u_i) for fixed random u_i, and dP/d(leaves).
+    Returns (first-order gradients, second-order gradients), in the leaves' order. w and u are drawn
+    in fp32 and cast (exactly) to each run's dtype, so runs in fp32 and float64 see the same values."""
+    gen = torch.Generator().manual_seed(seed)
+    draw = lambda like: torch.randn(like.shape, generator=gen).to(like.device, like.dtype)  # noqa: E731
+    y = fn(*leaves)
+    first = torch.autograd.grad((y * draw(y)).sum(), leaves, create_graph=True)
+    penalty = sum((g * draw(g)).sum() for g in first)
+    return first, torch.autograd.grad(penalty, leaves)
+
+
+def assert_penalty_gradients(fn, reference_fn, leaves, names, seed=0) -> None:
+    """fn's first- and second-order gradients (penalty_gradients) on fp32 leaves within
+    assert_close_to_reference of reference_fn's in float64, against reference_fn's own in fp32."""
+    def run(function, dtype):
+        copies = [t.detach().to(dtype).requires_grad_(True) for t in leaves]
+        return penalty_gradients(function, copies, seed)
+
+    actual, exact, in_dtype = run(fn, torch.float32), run(reference_fn, torch.float64), run(reference_fn, torch.float32)
+    for order in range(2):
+        for name, got, expected64, expected32 in zip(names, actual[order], exact[order], in_dtype[order]):
+            assert_close_to_reference(got, expected64, expected32, torch.float32, f"{'d' * (order + 1)}{name}")

@@ -408,3 +408,28 @@ def test_gpu_backward_is_deterministic():
                                 dy) for _ in range(2)]
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("window,padding", [("block", "mask"), ("sliding", "zeros")])
+def test_double_backward_goes_through_the_reference(window, padding, device):
+    """create_graph=True (a gradient penalty on the image, as a GAN's R1 term): first- and
+    second-order gradients of x and every weight against float64 (they were zero in the second
+    order, with only a PyTorch warning); the backward then runs through
+    reference.attention_stem.attention_stem2d_from_tables, which is the reference from the tables."""
+    from sasa_triton.reference.attention_stem import attention_stem2d_from_tables
+
+    from helpers import assert_penalty_gradients
+
+    gen = torch.Generator().manual_seed(5)
+    C_in, C_out, heads, M, block_size = 3, 8, 2, 2, 3
+    x, w_q, w_k = torch.randn(1, C_in, 5, 4, generator=gen, dtype=torch.float64), *(
+        torch.randn(C_out, C_in, generator=gen, dtype=torch.float64) for _ in range(2))
+    w_v = torch.randn(M, C_out, C_in, generator=gen, dtype=torch.float64)
+    mix = torch.softmax(torch.randn(block_size, block_size, M, generator=gen, dtype=torch.float64), -1)
+    qk, w_eff = stem_tables(w_q, w_k, w_v, mix, heads, 0.7)
+    assert_close(attention_stem2d_from_tables(x, qk, w_eff, heads, block_size, window, padding),
+                 reference(x, w_q, w_k, w_v, mix, heads, block_size, 0.7, window, padding), torch.float64)
+    op = lambda backend: lambda *leaves: sasa_triton.attention_stem2d(  # noqa: E731
+        *leaves, heads, block_size, 0.7, window, padding, backend=backend)
+    assert_penalty_gradients(op("triton"), op("reference"), [t.float().to(device) for t in (x, w_q, w_k, w_v, mix)],
+                             ["x", "w_q", "w_k", "w_v", "mix"])

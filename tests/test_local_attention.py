@@ -855,3 +855,45 @@ def test_gpu_every_candidate_config(dtype, H, D, k, shard):
         per_kernel[kernel] = configs[:1] + configs[1 + shard::CANDIDATE_SHARDS]
     failures = check_candidates(inputs, dy, options, per_kernel, dtype)
     assert not failures, f"{len(failures)} failing candidate combinations:\n" + "\n".join(failures)
+
+
+@pytest.mark.parametrize("layout", ["apart", "packed", "strided", "registered"])
+def test_double_backward_goes_through_the_reference(layout, device):
+    """create_graph=True (a gradient penalty, a double backward): the first- and second-order
+    gradients of every input against float64, each way the op is called: q, k, v apart (per-head
+    tables, mask padding), as the parts of one packed qkv (its gradient in one piece), with heads
+    and channels not packed (the kernels read contiguous copies) and through the registered op (torch.compile's route).
+    The Triton backward's outputs have no graph: through them the second-order terms came out zero,
+    with no error; such a backward now runs through the PyTorch reference."""
+    from helpers import assert_penalty_gradients
+
+    B, H, W, heads, D, ksize = 1, 5, 6, 2, 4, 3
+    gen = torch.Generator().manual_seed(7)
+    per_head = (heads,) if layout == "apart" else ()
+    tables = [torch.randn(*per_head, ksize, D // 2, generator=gen) for _ in range(2)]
+    options = dict(kernel_size=ksize, dilation=1, scale=0.8, padding="mask" if layout == "apart" else "zeros")
+
+    def op(backend):
+        call = lambda q, k, v, rel_rows, rel_cols: sasa_triton.local_attention2d(  # noqa: E731
+            q, k, v, rel_rows, rel_cols, backend=backend, **options)
+        if layout == "registered" and backend == "triton":
+            call = lambda *args: torch.ops.sasa_triton.local_attention2d_fwd(*args, *options.values())[0]  # noqa: E731
+        if layout == "packed":  # the leaf is qkv (B, H, W, 3, heads, D): q, k, v its parts
+            return lambda qkv, *tables: call(*qkv.unbind(3), *tables)
+        if layout == "strided":  # the leaves are (B, H, W, D, heads): q, k, v their transposes
+            return lambda q, k, v, *tables: call(q.transpose(3, 4), k.transpose(3, 4), v.transpose(3, 4), *tables)
+        return call
+
+    if layout == "packed":
+        leaves, names = [torch.randn(B, H, W, 3, heads, D, generator=gen), *tables], ["qkv", "rel_rows", "rel_cols"]
+        qkv = leaves[0].to(device).requires_grad_(True)
+        assert qkv_parts(*qkv.unbind(3)) is qkv  # the packed path
+    else:
+        shape = (B, H, W, D, heads) if layout == "strided" else (B, H, W, heads, D)
+        leaves = [torch.randn(shape, generator=gen) for _ in range(3)] + tables
+        names = ["q", "k", "v", "rel_rows", "rel_cols"]
+    if layout == "strided":
+        q = leaves[0].to(device).transpose(3, 4)
+        assert _op_plan(q, q, q, leaves[3], ksize, 1, "zeros").copy_qkv  # the kernels take copies
+    leaves = [t.to(device) for t in leaves]
+    assert_penalty_gradients(op("triton"), op("reference"), leaves, names)

@@ -1,4 +1,5 @@
 """SelfAttention2d and the input validation of local_attention2d."""
+import copy
 import numpy as np
 import pytest
 import torch
@@ -238,3 +239,25 @@ def test_triton_path_rejects_float64(device):
     q = torch.randn(1, 4, 4, 1, 8, dtype=torch.float64, device=device)
     with pytest.raises(TypeError, match="float64"):
         sasa_triton.local_attention2d(q, q, q, kernel_size=3, backend="triton")
+
+
+def test_layer_gradient_penalty_matches_the_reference(device):
+    """A gradient penalty through SelfAttention2d (channels_last x: q, k, v the parts of one
+    projection, whose gradient the op hands back in one piece): the input's gradient with
+    create_graph=True, then the penalty's gradients of the input and every parameter, against the
+    same layer on the float64 reference."""
+    from helpers import assert_penalty_gradients
+
+    torch.manual_seed(0)
+    layer = SelfAttention2d(8, 8, kernel_size=3, heads=2, backend="triton").to(device)
+    twin = copy.deepcopy(layer)
+    twin.backend = "reference"
+    names = ["x", *(name for name, _ in layer.named_parameters())]
+
+    def through(module):
+        def fn(x, *params):
+            return torch.func.functional_call(module, dict(zip(names[1:], params)), (x,))
+        return fn
+
+    x = torch.randn(2, 8, 5, 6, device=device).contiguous(memory_format=torch.channels_last)
+    assert_penalty_gradients(through(layer), through(twin), [x, *layer.parameters()], names)

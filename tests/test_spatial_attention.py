@@ -231,6 +231,23 @@ def test_saved_tensors_hold_nothing_of_block_size(window, device):
     out.sum().backward()
 
 
+@pytest.mark.parametrize("window,padding", [("block", "zeros"), ("sliding", "mask")])
+def test_double_backward_goes_through_the_reference(window, padding, device):
+    """create_graph=True (a gradient penalty): first- and second-order gradients of q, k, values
+    and mix against float64 (they were zero in the second order, with only a PyTorch warning)."""
+    from helpers import assert_penalty_gradients
+
+    gen = torch.Generator().manual_seed(3)
+    B, H, W, heads, D, M, block_size = 1, 5, 4, 2, 4, 2, 2
+    leaves = [torch.randn(B, H, W, heads, D, generator=gen), torch.randn(B, H, W, heads, D, generator=gen),
+              torch.randn(B, H, W, M, heads, D, generator=gen),
+              torch.softmax(torch.randn(block_size, block_size, M, generator=gen), -1)]
+    op = lambda backend: lambda q, k, values, mix: sasa_triton.spatial_attention2d(  # noqa: E731
+        q, k, values, mix, block_size, 0.9, window, padding, backend=backend)
+    assert_penalty_gradients(op("triton"), op("reference"), [t.to(device) for t in leaves],
+                             ["q", "k", "values", "mix"])
+
+
 def test_fp16_large_logits_do_not_overflow(device):
     """Logits near 1e4 in fp16 inputs stay finite: the softmax runs in fp32."""
     B, H, W, heads, D, M, bs = 1, 4, 4, 1, 16, 2, 4

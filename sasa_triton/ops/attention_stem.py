@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._library import autocast_inputs, define_op, launch
+from .._library import autocast_inputs, define_op, differentiable_backward, launch
 from .._utils import check_kernel_dtype, dot_precision, interpreter_enabled, resolve_backend
 from ..reference.attention_stem import MAX_IN_CHANNELS, check_attention_stem_args
 
@@ -412,6 +412,11 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy, _dlse):
     x, qk, w_eff, lse = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True (eager; torch.compile refuses a double backward)
+        from ..reference.attention_stem import attention_stem2d_from_tables
+        grads = differentiable_backward(lambda *args: attention_stem2d_from_tables(*args, *ctx.args), (x, qk, w_eff),
+                                        dy)
+        return (*grads, None, None, None, None)
     dx, dqk, dw_eff = _attention_stem2d_bwd(x, qk, w_eff, lse, dy, *ctx.args)  # any strides
     return dx, dqk, dw_eff, None, None, None, None
 
@@ -457,7 +462,8 @@ def attention_stem2d(x, w_q, w_k, w_v, mix, heads, block_size=4, scale=1.0, wind
         heads: C_out = heads * D; D <= 128 on the Triton path.
         block_size, scale, window, padding, backend: as `spatial_attention2d`.
 
-    Every input gets its gradient (the weights' and mix's in their own dtypes). Under autocast x
+    Every input gets its gradient (the weights' and mix's in their own dtypes). A backward with
+    create_graph=True runs through the PyTorch reference (differentiable). Under autocast x
     runs in the autocast dtype; the weights enter as fp32 tables QK and W_eff (`stem_tables`).
 
     Returns:

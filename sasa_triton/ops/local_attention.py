@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from .. import tuning
-from .._library import KernelLaunch, attention_outputs, autocast_inputs, define_op
+from .._library import KernelLaunch, attention_outputs, autocast_inputs, define_op, differentiable_backward
 from .._utils import (KERNEL_DTYPES, check_kernel_dtype, check_local_attention_args, dot_precision,
                       interpreter_enabled, resolve_backend)
 
@@ -1082,10 +1082,12 @@ class _LocalAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, rel_rows, rel_cols, kernel_size, dilation, scale, padding, qkv=None, plan=None):
         if plan is None and q.numel():
             plan = _op_plan(q, k, v, rel_rows, kernel_size, dilation, padding)
+        # What a differentiable backward (create_graph) differentiates: the inputs themselves.
+        inputs = (q, k, v) if qkv is None else (qkv,)
         if plan is not None and plan.copy_qkv:  # saved as the kernels read them: the backward copies nothing again
             q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         y, lse = _fwd(q, k, v, rel_rows, rel_cols, kernel_size, dilation, scale, padding, plan=plan)
-        ctx.save_for_backward(q, k, v, rel_rows, rel_cols, y, lse)
+        ctx.save_for_backward(q, k, v, rel_rows, rel_cols, y, lse, *(inputs if inputs[0] is not q else ()))
         ctx.args = (kernel_size, dilation, scale, padding)
         ctx.plan = plan  # the backward's launches need no lookup
         ctx.qkv_layout = None if qkv is None else (qkv.shape, qkv.stride())  # q starts where qkv does
@@ -1093,7 +1095,9 @@ class _LocalAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        q, k, v, rel_rows, rel_cols, y, lse = ctx.saved_tensors
+        q, k, v, rel_rows, rel_cols, y, lse, *inputs = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: gradients that can be differentiated again
+            return _LocalAttention.differentiable_backward(ctx, q, k, v, rel_rows, rel_cols, inputs, dy)
         if ctx.qkv_layout is None:
             grads = _bwd(q, k, v, rel_rows, rel_cols, y, lse, dy, *ctx.args, plan=ctx.plan)
             return (*grads, None, None, None, None, None, None)
@@ -1105,6 +1109,26 @@ class _LocalAttention(torch.autograd.Function):
                  dqkv.as_strided(shape, strides, 2 * step))
         _, _, _, drel_rows, drel_cols = _bwd(q, k, v, rel_rows, rel_cols, y, lse, dy, *ctx.args, grads=grads,
                                              plan=ctx.plan)
+        return None, None, None, drel_rows, drel_cols, None, None, None, None, dqkv, None
+
+    @staticmethod
+    def differentiable_backward(ctx, q, k, v, rel_rows, rel_cols, inputs, dy):
+        """The backward through the PyTorch reference, as a graph (differentiable_backward), of the
+        inputs as given: q, k, v (the kernels' copies are not theirs), or qkv, whose parts they
+        are rebuilt as views of."""
+        from ..reference import local_attention2d as reference_op
+
+        options = ctx.args
+        if ctx.qkv_layout is None:
+            q, k, v = inputs or (q, k, v)
+            dq, dk, dv, drel_rows, drel_cols = differentiable_backward(
+                lambda *args: reference_op(*args, *options), (q, k, v, rel_rows, rel_cols), dy)
+            return dq, dk, dv, drel_rows, drel_cols, None, None, None, None, None, None
+        (qkv,) = inputs
+        parts = [(t.shape, t.stride(), t.storage_offset()) for t in (q, k, v)]
+        dqkv, drel_rows, drel_cols = differentiable_backward(
+            lambda qkv, *tables: reference_op(*(qkv.as_strided(*part) for part in parts), *tables, *options),
+            (qkv, rel_rows, rel_cols), dy)
         return None, None, None, drel_rows, drel_cols, None, None, None, None, dqkv, None
 
 
@@ -1168,6 +1192,10 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy, _dlse):
     q, k, v, rel_rows, rel_cols, y, lse = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True (eager; torch.compile refuses a double backward)
+        from ..reference import local_attention2d as reference_op
+        grads = differentiable_backward(lambda *args: reference_op(*args, *ctx.args), (q, k, v, rel_rows, rel_cols), dy)
+        return (*grads, None, None, None, None)
     dq, dk, dv, drel_rows, drel_cols = _local_attention2d_bwd(q, k, v, rel_rows, rel_cols, y, lse, dy, *ctx.args)
     if rel_rows is None:
         drel_rows = drel_cols = None
@@ -1204,6 +1232,9 @@ def local_attention2d(q, k, v, rel_rows=None, rel_cols=None, kernel_size=7, dila
     as a contiguous (B, H, W, 3, heads, D) tensor (a channels_last qkv projection viewed and
     unbound, as SelfAttention2d does), take their gradient as one tensor that autograd hands that
     projection directly (nothing stacked or copied); see qkv_parts.
+
+    A backward with create_graph=True (a gradient penalty, a double backward) runs through the
+    PyTorch reference, whose gradients can be differentiated again (the kernels' cannot).
     """
     if torch.compiler.is_compiling():  # shapes may be symbolic: hashing them would specialize
         route = _check_and_route(q, k, v, rel_rows, rel_cols, kernel_size, dilation, scale, padding, backend, True)

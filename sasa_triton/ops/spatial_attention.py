@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from .. import tuning
-from .._library import attention_outputs, autocast_inputs, define_op, launch
+from .._library import attention_outputs, autocast_inputs, define_op, differentiable_backward, launch
 from .._utils import (check_kernel_dtype, check_spatial_attention_args, dot_precision, interpreter_enabled,
                       resolve_backend)
 
@@ -650,6 +650,10 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy, _dlse):
     q, k, values, mix, y, lse = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True (eager; torch.compile refuses a double backward)
+        from ..reference import spatial_attention2d as reference_op
+        grads = differentiable_backward(lambda *args: reference_op(*args, *ctx.args), (q, k, values, mix), dy)
+        return (*grads, None, None, None, None)
     dq, dk, dvalues, dmix = _spatial_attention2d_bwd(q, k, values, mix, y, lse, dy, *ctx.args)
     return dq, dk, dvalues, dmix, None, None, None, None
 
@@ -687,6 +691,8 @@ def spatial_attention2d(q, k, values, mix, block_size=4, scale=1.0, window="bloc
 
     Returns:
         (B, H, W, heads, D) in q's dtype.
+
+    A backward with create_graph=True runs through the PyTorch reference (differentiable).
     """
     check_spatial_attention_args(q, k, values, mix, block_size, scale, window, padding)
     if resolve_backend(backend, q.device) == "reference":

@@ -65,3 +65,24 @@ def attention_stem2d(x, w_q, w_k, w_v, mix, heads, block_size=4, scale=1.0, wind
     values = torch.einsum("moc,bchw->bhwmo", w_v.to(compute), x_c).unflatten(-1, (heads, C_out // heads))
     y = spatial_attention2d(q, k, values, mix.to(compute), block_size, scale, window, padding)
     return y.to(x.dtype)
+
+
+def attention_stem2d_from_tables(x, qk, w_eff, heads, block_size=4, window="block", padding="zeros"):
+    """The stem's attention from the tables the fused op takes (`sasa_triton.ops.attention_stem.
+    stem_tables`): QK (heads, C_in, C_in), the scale folded in, and W_eff (bs, bs, C_out, C_in).
+    For pixel (i, j), head h and the keys (a, b): logit = x_ab . QK[h] x_ij and v_ab = W_eff[a, b]
+    x_ab, as the spatial attention of q = QK[h] x_ij against k = x_ab with bs * bs value maps
+    (W_eff[a, b] x) and a one-hot mix, q, k and the values zero-padded to one channel count.
+    Returns (B, H, W, heads, C_out // heads) in x's dtype."""
+    compute = torch.float64 if torch.float64 in (x.dtype, qk.dtype, w_eff.dtype) else torch.float32
+    B, C_in, H, W = x.shape
+    D = w_eff.shape[2] // heads
+    pad = lambda t: torch.nn.functional.pad(t, (0, max(C_in, D) - t.shape[-1]))  # noqa: E731
+    pixels = x.to(compute).permute(0, 2, 3, 1)                                    # (B, H, W, C_in)
+    q = pad(torch.einsum("nce,bhwe->bhwnc", qk.to(compute), pixels))              # (B, H, W, heads, C)
+    k = pad(pixels[:, :, :, None, :].expand(B, H, W, heads, C_in))
+    values = torch.einsum("poc,bhwc->bhwpo", w_eff.to(compute).flatten(0, 1), pixels)
+    values = pad(values.unflatten(-1, (heads, D)))                                # (B, H, W, bs*bs, heads, C)
+    one_hot = torch.eye(block_size * block_size, dtype=compute, device=x.device)
+    y = spatial_attention2d(q, k, values, one_hot.view(block_size, block_size, -1), block_size, 1.0, window, padding)
+    return y[..., :D].to(x.dtype)
