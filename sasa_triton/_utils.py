@@ -9,6 +9,7 @@ import math
 import os
 
 import torch
+from torch.autograd import forward_ad as _forward_ad
 
 PADDINGS = ("zeros", "mask")
 BACKENDS = ("auto", "triton", "reference")
@@ -85,6 +86,14 @@ def resolve_backend(backend: str, device: torch.device) -> str:
             f"triton is imported; got tensors on {device}"
         )
     return "triton"
+
+
+def transforms_active() -> bool:
+    """Whether forward-mode AD (a dual level of torch.autograd.forward_ad) or a torch.func transform
+    (grad, vmap, jvp, jacrev, ...) is active. The kernels have no rules for either (a dual input's
+    tangent was dropped without an error; the transforms raised obscure errors): the ops then run
+    their PyTorch reference, which has them, whatever the backend."""
+    return _forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active()
 
 
 def dot_precision(dtype: torch.dtype) -> str:

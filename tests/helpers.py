@@ -220,3 +220,36 @@ def assert_penalty_gradients(fn, reference_fn, leaves, names, seed=0) -> None:
     for order in range(2):
         for name, got, expected64, expected32 in zip(names, actual[order], exact[order], in_dtype[order]):
             assert_close_to_reference(got, expected64, expected32, torch.float32, f"{'d' * (order + 1)}{name}")
+
+
+def _forward_ad_tangent(fn, primal, tangent, requires_grad):
+    from torch.autograd import forward_ad
+
+    with forward_ad.dual_level():
+        dual = forward_ad.make_dual(primal.detach().requires_grad_(requires_grad), tangent)
+        return forward_ad.unpack_dual(fn(dual)).tangent
+
+
+# Forward-mode AD and torch.func's transforms, each as what it computes from a one-input fn, its
+# input x, a tangent t (x's shape) and a cotangent c (the output's shape). The ops run their
+# PyTorch reference under them.
+TRANSFORMS = {
+    "forward_ad": lambda fn, x, t, c: _forward_ad_tangent(fn, x, t, False),
+    "forward_ad_requires_grad": lambda fn, x, t, c: _forward_ad_tangent(fn, x, t, True),
+    "func.jvp": lambda fn, x, t, c: torch.func.jvp(fn, (x,), (t,))[1],
+    "func.vjp": lambda fn, x, t, c: torch.func.vjp(fn, x)[1](c)[0],
+    "func.grad": lambda fn, x, t, c: torch.func.grad(lambda y: (fn(y) * c).sum())(x),
+    "func.vmap": lambda fn, x, t, c: torch.func.vmap(fn)(torch.stack([x, t])),
+}
+
+
+def assert_transforms_match_reference(transform, fn, x, tangent, cotangent) -> None:
+    """TRANSFORMS[transform] of fn("triton", dtype) at fp32 x within assert_close_to_reference of
+    fn("reference", float64)'s, against fn("reference", fp32)'s own; fn(backend, dtype) gives the
+    one-input function, its other inputs in dtype."""
+    compute = TRANSFORMS[transform]
+    got = compute(fn("triton", torch.float32), x, tangent, cotangent)
+    assert got is not None, "no tangent"
+    expected = compute(fn("reference", torch.float64), x.double(), tangent.double(), cotangent.double())
+    in_dtype = compute(fn("reference", torch.float32), x, tangent, cotangent)
+    assert_close_to_reference(got, expected, in_dtype, torch.float32, transform)

@@ -433,3 +433,20 @@ def test_double_backward_goes_through_the_reference(window, padding, device):
         *leaves, heads, block_size, 0.7, window, padding, backend=backend)
     assert_penalty_gradients(op("triton"), op("reference"), [t.float().to(device) for t in (x, w_q, w_k, w_v, mix)],
                              ["x", "w_q", "w_k", "w_v", "mix"])
+
+
+@pytest.mark.parametrize("transform", ["forward_ad", "func.vjp", "func.vmap"])
+def test_forward_ad_and_torch_func_transforms(transform, device):
+    """Forward-mode AD and torch.func's transforms through the fused stem (the tangent was dropped,
+    None, with no error): the reference runs under them, against float64."""
+    from helpers import assert_transforms_match_reference
+
+    gen = torch.Generator().manual_seed(6)
+    x, t = (torch.randn(1, 3, 4, 5, generator=gen).to(device) for _ in range(2))
+    c = torch.randn(1, 4, 5, 2, 4, generator=gen).to(device)
+    w_q, w_k = (torch.randn(8, 3, generator=gen).to(device) for _ in range(2))
+    w_v = torch.randn(2, 8, 3, generator=gen).to(device)
+    mix = torch.softmax(torch.randn(2, 2, 2, generator=gen), -1).to(device)
+    fn = lambda backend, dtype: lambda image: sasa_triton.attention_stem2d(  # noqa: E731
+        image, *(w.to(dtype) for w in (w_q, w_k, w_v, mix)), 2, 2, 0.7, "block", "zeros", backend=backend)
+    assert_transforms_match_reference(transform, fn, x, t, c)

@@ -22,8 +22,8 @@ from sasa_triton import tuning
 from sasa_triton.ops.local_attention import _bwd, _fwd, _op_plan, _tile_config, channel_tile, computed_keys, qkv_parts
 from sasa_triton.reference import local_attention2d as reference
 
-from helpers import (assert_close_to_reference, assert_rounding_noise, autograd_graph_nodes,
-                     reference_in_dtype, zero_in_exact_arithmetic)
+from helpers import (TRANSFORMS, assert_close_to_reference, assert_rounding_noise, assert_transforms_match_reference,
+                     autograd_graph_nodes, reference_in_dtype, zero_in_exact_arithmetic)
 
 KERNELS = ("local_fwd", "local_bwd_dq", "local_bwd_dkdv")
 GRADIENTS = ("dq", "dk", "dv", "drel_rows", "drel_cols")
@@ -537,8 +537,8 @@ def test_views_that_do_not_cover_one_packed_tensor_take_gradients_apart(device):
 
 def test_functorch_wrappers_take_autograds_python_apply(device):
     """The op calls autograd's own apply directly unless functorch is involved: a dead functorch
-    wrapper (a tensor leaked out of a transform) is still unwrapped and computed on, and under a
-    transform the op still refuses with PyTorch's own message (its Function has no setup_context)."""
+    wrapper (a tensor leaked out of a transform) is still unwrapped and computed on; under an
+    active transform the op runs its reference (test_forward_ad_and_torch_func_transforms)."""
     leaked = []
     torch.func.grad(lambda t: leaked.append(t) or t.sum())(torch.randn(1, 4, 4, 2, 8).to(device))
     dead = leaked[0]
@@ -547,8 +547,8 @@ def test_functorch_wrappers_take_autograds_python_apply(device):
     options = dict(kernel_size=3, backend="triton")
     y = sasa_triton.local_attention2d(dead, key, key, **options)
     assert torch.equal(y, sasa_triton.local_attention2d(torch._C._functorch.unwrap_if_dead(dead), key, key, **options))
-    with pytest.raises(RuntimeError, match="setup_context"):
-        torch.func.grad(lambda t: sasa_triton.local_attention2d(t, key, key, **options).sum())(q.detach())
+    grad = torch.func.grad(lambda t: sasa_triton.local_attention2d(t, key, key, **options).sum())(q.detach())
+    assert torch.equal(grad, torch.func.grad(lambda t: reference(t, key, key, kernel_size=3).sum())(q.detach()))
 
 
 @pytest.mark.parametrize("D", [8, 7])
@@ -897,3 +897,31 @@ def test_double_backward_goes_through_the_reference(layout, device):
         assert _op_plan(q, q, q, leaves[3], ksize, 1, "zeros").copy_qkv  # the kernels take copies
     leaves = [t.to(device) for t in leaves]
     assert_penalty_gradients(op("triton"), op("reference"), leaves, names)
+
+
+
+@pytest.mark.parametrize("transform", list(TRANSFORMS))
+def test_forward_ad_and_torch_func_transforms(transform, device, monkeypatch):
+    """Forward-mode AD and torch.func's transforms through the op: against the float64 reference.
+    The kernels have rules for neither (a dual input's tangent was dropped, None, with no error;
+    the transforms raised "Cannot access storage of TensorWrapper" and the like), so under them
+    the op runs its PyTorch reference; the next plain call launches the kernels again."""
+    from sasa_triton.ops import local_attention as op
+
+    inputs, _ = make_inputs(1, 4, 5, 2, 4, 3, "shared", device, torch.float32, seed=11)
+    q, k, v, rel_rows, rel_cols = inputs
+    t = torch.randn(q.shape, generator=torch.Generator().manual_seed(12)).to(device)
+    options = dict(kernel_size=3, dilation=1, scale=0.9, padding="mask")
+
+    def fn(backend, dtype):
+        cast = lambda x: x.to(dtype)  # noqa: E731
+        return lambda x: sasa_triton.local_attention2d(x, cast(k), cast(v), cast(rel_rows), cast(rel_cols),
+                                                       backend=backend, **options)
+
+    assert_transforms_match_reference(transform, fn, q, t, t)
+    launches = []
+    real_launch = op._launch
+    monkeypatch.setattr(op, "_launch", lambda plan, args: (launches.append(plan), real_launch(plan, args)))
+    with torch.no_grad():
+        sasa_triton.local_attention2d(q, k, v, rel_rows, rel_cols, backend="triton", **options)
+    assert len(launches) == 1

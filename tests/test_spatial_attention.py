@@ -248,6 +248,21 @@ def test_double_backward_goes_through_the_reference(window, padding, device):
                              ["q", "k", "values", "mix"])
 
 
+@pytest.mark.parametrize("transform", ["forward_ad", "func.vjp", "func.vmap"])
+def test_forward_ad_and_torch_func_transforms(transform, device):
+    """Forward-mode AD and torch.func's transforms (the tangent was dropped, None, with no error):
+    the reference runs under them, against float64."""
+    from helpers import assert_transforms_match_reference
+
+    gen = torch.Generator().manual_seed(4)
+    q, k, t, c = (torch.randn(1, 4, 5, 2, 4, generator=gen).to(device) for _ in range(4))
+    values = torch.randn(1, 4, 5, 2, 2, 4, generator=gen).to(device)
+    mix = torch.softmax(torch.randn(2, 2, 2, generator=gen), -1).to(device)
+    fn = lambda backend, dtype: lambda x: sasa_triton.spatial_attention2d(  # noqa: E731
+        x, k.to(dtype), values.to(dtype), mix.to(dtype), 2, 0.9, "sliding", "mask", backend=backend)
+    assert_transforms_match_reference(transform, fn, q, t, c)
+
+
 def test_fp16_large_logits_do_not_overflow(device):
     """Logits near 1e4 in fp16 inputs stay finite: the softmax runs in fp32."""
     B, H, W, heads, D, M, bs = 1, 4, 4, 1, 16, 2, 4

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from .._library import autocast_inputs, define_op, differentiable_backward, launch
-from .._utils import check_kernel_dtype, dot_precision, interpreter_enabled, resolve_backend
+from .._utils import check_kernel_dtype, dot_precision, interpreter_enabled, resolve_backend, transforms_active
 from ..reference.attention_stem import MAX_IN_CHANNELS, check_attention_stem_args
 
 
@@ -471,7 +471,7 @@ def attention_stem2d(x, w_q, w_k, w_v, mix, heads, block_size=4, scale=1.0, wind
         (B, C_out, H, W) it is a channels_last NCHW tensor.
     """
     check_attention_stem_args(x, w_q, w_k, w_v, mix, heads, block_size, scale, window, padding)
-    if resolve_backend(backend, x.device) == "reference":
+    if resolve_backend(backend, x.device) == "reference" or transforms_active():  # (forward-mode AD, torch.func)
         from ..reference import attention_stem2d as reference_op
         return reference_op(x, w_q, w_k, w_v, mix, heads, block_size, scale, window, padding)
     (x,) = autocast_inputs(x)

@@ -36,7 +36,7 @@ import triton.language as tl
 from .. import tuning
 from .._library import KernelLaunch, attention_outputs, autocast_inputs, define_op, differentiable_backward
 from .._utils import (KERNEL_DTYPES, check_kernel_dtype, check_local_attention_args, dot_precision,
-                      interpreter_enabled, resolve_backend)
+                      interpreter_enabled, resolve_backend, transforms_active)
 
 LOG2E = 1.4426950408889634
 
@@ -1138,10 +1138,10 @@ _is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 def _apply(q, k, v, rel_rows, rel_cols, *options):
     """_LocalAttention.apply(...) without the Python around autograd's own apply where that Python
-    does nothing: no functorch transform active and no functorch wrapper among the tensors (it
-    would unwrap a dead one). The eager op call's forward then costs 8 us less on a 2-core
-    CPU (bench/RESULTS.md, 2026-11-30)."""
-    if (torch._C._are_functorch_transforms_active() or _is_functorch_wrapped(q) or _is_functorch_wrapped(k)
+    does nothing: no functorch wrapper among the tensors (it would unwrap a dead one; under an
+    active transform the op runs its reference, not this). The eager op call's forward then costs
+    8 us less on a 2-core CPU (bench/RESULTS.md, 2026-11-30)."""
+    if (_is_functorch_wrapped(q) or _is_functorch_wrapped(k)
             or _is_functorch_wrapped(v) or rel_rows is not None and (
                 _is_functorch_wrapped(rel_rows) or _is_functorch_wrapped(rel_cols))):
         return _LocalAttention.apply(q, k, v, rel_rows, rel_cols, *options)
@@ -1241,6 +1241,8 @@ def local_attention2d(q, k, v, rel_rows=None, rel_cols=None, kernel_size=7, dila
         kind = None
     else:
         route, kind = _route(q, k, v, rel_rows, rel_cols, kernel_size, dilation, scale, padding, backend)
+        if transforms_active():  # forward-mode AD, torch.func: only the reference has their rules
+            route = "reference"
     if route == "reference":
         from ..reference import local_attention2d as reference_op
         return reference_op(q, k, v, rel_rows, rel_cols, kernel_size, dilation, scale, padding)

@@ -28,7 +28,7 @@ import triton.language as tl
 from .. import tuning
 from .._library import attention_outputs, autocast_inputs, define_op, differentiable_backward, launch
 from .._utils import (check_kernel_dtype, check_spatial_attention_args, dot_precision, interpreter_enabled,
-                      resolve_backend)
+                      resolve_backend, transforms_active)
 
 LOG2E = 1.4426950408889634
 
@@ -695,7 +695,7 @@ def spatial_attention2d(q, k, values, mix, block_size=4, scale=1.0, window="bloc
     A backward with create_graph=True runs through the PyTorch reference (differentiable).
     """
     check_spatial_attention_args(q, k, values, mix, block_size, scale, window, padding)
-    if resolve_backend(backend, q.device) == "reference":
+    if resolve_backend(backend, q.device) == "reference" or transforms_active():  # (forward-mode AD, torch.func)
         from ..reference import spatial_attention2d as reference_op
         return reference_op(q, k, values, mix, block_size, scale, window, padding)
     q, k, values = autocast_inputs(q, k, values)
