@@ -925,3 +925,41 @@ def test_forward_ad_and_torch_func_transforms(transform, device, monkeypatch):
     with torch.no_grad():
         sasa_triton.local_attention2d(q, k, v, rel_rows, rel_cols, backend="triton", **options)
     assert len(launches) == 1
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy under the interpreter: inf * 0
+@pytest.mark.parametrize("tensor", ["k", "v"])
+def test_non_finite_inputs_stay_within_their_tiles_strips(tensor, device):
+    """An inf in one pixel of k or v: the kernels' masks are additive biases (-inf) and the p.v
+    dot multiplies p = 0 by it, so every query of a tile whose strip holds that pixel comes out
+    non-finite (the reference: only the queries whose window holds it; README). This pins that it
+    goes no further: y and every gradient at pixels more than two strips' extent away from it
+    are the clean run's, bitwise."""
+    ksize = 3
+    inputs, dy = make_inputs(1, 24, 64, 1, 8, ksize, "shared", device, torch.float32, seed=21)
+    dy = dy.to(device, torch.float32)
+    row, col = 12, 32
+
+    def run(tensors):
+        leaves = [t.detach().clone().requires_grad_(True) for t in tensors]
+        y = sasa_triton.local_attention2d(*leaves, kernel_size=ksize, backend="triton")
+        grads = torch.autograd.grad(y, leaves[:3], dy)  # dq, dk, dv: (B, H, W, heads, D)
+        return [y, *grads]
+
+    clean = run(inputs)
+    poisoned = list(inputs)
+    index = ("k", "v").index(tensor) + 1
+    poisoned[index] = poisoned[index].clone()
+    poisoned[index][0, row, col] = float("inf")
+    dirty = run(poisoned)
+    configs = [tuning.get_config(name, ksize, 1, 8, torch.float32, 24, 64) for name in KERNELS]
+    reach_rows = 2 * max(c["BLOCK_H"] + 2 * (ksize // 2) for c in configs)
+    reach_cols = 2 * max(c["BLOCK_W"] + 2 * (ksize // 2) for c in configs)
+    rows, cols = torch.arange(24, device=device), torch.arange(64, device=device)
+    far = ((rows - row).abs() > reach_rows)[:, None] | ((cols - col).abs() > reach_cols)[None, :]
+    assert far.any() and not far.all()
+    for name, a, b in zip(["y", "dq", "dk", "dv"], clean, dirty):
+        assert torch.isfinite(a).all()
+        if (tensor, name) != ("v", "dv"):  # dv = p^T dy does not read v
+            assert not torch.isfinite(b).all(), name  # the poison reached its window at least
+        assert torch.equal(a[0][far], b[0][far]), name
