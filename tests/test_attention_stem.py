@@ -454,10 +454,10 @@ def test_forward_ad_and_torch_func_transforms(transform, device):
 
 @pytest.mark.parametrize("window", ["block", "sliding"])
 def test_gradients_at_large_logits_stay_within_pytorchs_own_fp32_error(window, device):
-    """Logits up to about 120 (N(0, 1) weights, scale 2): the backward's p = exp2(logit - lse) sums to 1
-    only to within lse's rounding, and ds = p (dp - delta) amplifies that where delta cancels dp,
-    so the kernel renormalizes p. Every gradient within 3x PyTorch's own fp32 error, per element
-    and in RMS (at most 1.2x it here; dx, dw_q, dw_k were 7-20x it before)."""
+    """Logits up to about 120 (N(0, 1) weights, scale 2): the backward's p = exp2(logit - lse)
+    sums to 1 only to within lse's rounding, and ds = p (dp - delta) amplifies that where delta
+    cancels dp, so the kernel renormalizes p. Every gradient within 3x PyTorch's own fp32 error,
+    per element and in RMS (at most 1.2x it here; dx, dw_q, dw_k were 7-20x it before)."""
     from helpers import assert_close_to_reference
 
     gen = torch.Generator().manual_seed(0)

@@ -167,8 +167,8 @@ def _stem_bwd_kernel(
             lse2 = tl.load(lse_ptrs + head * H * W, mask=q_in, other=0.0) * 1.4426950408889634
             p = tl.where(tap_ok, tl.exp2(logits - lse2[:, None]), 0.0)       # (BLOCK_M, TPAD)
             # Renormalized: exp2(logit - lse) sums to 1 only to within lse's rounding (|lse| ulps),
-            # which ds = p (dp - delta) amplifies where delta cancels dp: 10x PyTorch's own fp32
-            # error in dx and dQK at logits near 60 without this (bench/RESULTS.md, 2026-12-01).
+            # which ds = p (dp - delta) amplifies where delta cancels dp: 4-20x PyTorch's own fp32
+            # error in dx and dQK at logits of 60-120 without this (bench/RESULTS.md, 2026-12-01).
             p_sum = tl.sum(p, axis=1)
             p = p / tl.where(p_sum == 0.0, 1.0, p_sum)[:, None]
             dy = tl.load(dy_ptrs + head * stride_dyn, mask=dy_mask, other=0.0).to(tl.float32)
