@@ -11,7 +11,9 @@ stem, `spatial_attention2d` and `attention_stem2d` with blocks of 1-5, both wind
 helpers (tests/helpers.py): the local op within the suite's bound of PyTorch's own error in the
 dtype (fp32 relaxed to 1e-4 relative: the backward's p = exp2(s - lse), flash-attention style,
 loses about |lse| ulps where PyTorch's fp32 softmax loses one), the stem ops within the suite's
-relative RMS. A gradient that is zero in exact arithmetic (a 1 x 1 window, a one-key block, the
+relative RMS or, where that fails, within the suite's bound of PyTorch's own error in the dtype
+on the same inputs (a gradient through the mixture softmax cancels: PyTorch's own fp32 emb_row
+gradient erred by 4.5e-5 relative RMS at seed 31, case 37; the case's line names such a check). A gradient that is zero in exact arithmetic (a 1 x 1 window, a one-key block, the
 row taps of a one-row image with mask padding) is rounding noise in every implementation: it is
 bounded by 64 ulps of y's scale (plus 3x PyTorch's largest error for the local op, whose
 check_results does this for the suite too). Without CUDA the kernels
@@ -67,12 +69,22 @@ def local_case(rng, index, seed, device, dtypes, info):
     t.check_results(results, *t.references(inputs, dy, **options), dtype, **relaxed)
 
 
+def _in_dtype(fn, leaves64, dy64, dtype):
+    """fn's output and the gradients of its leaves, computed by PyTorch in `dtype` (its float64
+    leaves and dy rounded to it, on the CPU): PyTorch's own error in that dtype."""
+    import torch
+
+    leaves = [t.detach().to(dtype).requires_grad_(True) for t in leaves64]
+    out = fn(*leaves)
+    return out, torch.autograd.grad(out, leaves, dy64.to(dtype))
+
+
 def stem_case(rng, index, seed, device, dtypes, info):
     import torch
 
     import test_attention_stem as stem_tests
     import test_spatial_attention as spatial_tests
-    from helpers import assert_close, assert_rounding_noise, zero_in_exact_arithmetic
+    from helpers import assert_close, assert_close_to_reference, assert_rounding_noise, zero_in_exact_arithmetic
 
     dtype, block_size = rng.choice(dtypes), rng.choice([1, 2, 3, 4, 5])
     window, padding = rng.choice(["block", "sliding"]), rng.choice(["zeros", "mask"])
@@ -81,10 +93,13 @@ def stem_case(rng, index, seed, device, dtypes, info):
         heads, D, M = rng.randint(1, 3), rng.choice([1, 2, 3, 5, 8, 16, 17]), rng.randint(1, 4)
         label = f"spatial B{B} H{H} W{W} h{heads} D{D} M{M} bs{block_size} {window} {padding} {dtype} s{scale}"
         info["label"] = label
+        mix_dtype = rng.choice([None, torch.float32])
         out, expected, grads, expected_grads = spatial_tests.run_both(
-            (B, H, W, heads, D, M, block_size, window, padding), device, dtype, rng.choice([None, torch.float32]),
-            scale=scale)
+            (B, H, W, heads, D, M, block_size, window, padding), device, dtype, mix_dtype, scale=scale)
         names = ["dq", "dk", "dvalues", "dmix"]
+        leaves64 = spatial_tests.make_inputs(B, H, W, heads, D, M, block_size, "cpu", dtype, mix_dtype)[1]
+        in_dtype = lambda *leaves: spatial_tests.reference(  # noqa: E731
+            *leaves, block_size=block_size, scale=scale, window=window, padding=padding)
     else:
         heads, D, C_in, M = rng.choice([1, 2, 4]), rng.choice([1, 2, 4, 8]), rng.choice([1, 3, 4]), rng.randint(1, 4)
         channels_last = rng.random() < 0.3
@@ -96,13 +111,29 @@ def stem_case(rng, index, seed, device, dtypes, info):
         out, expected, grads, expected_grads = stem_tests.run_both(inputs, heads, block_size, window, padding, dtype,
                                                                    device, scale=scale)
         names = stem_tests.GRAD_NAMES
+        leaves64 = inputs
+        in_dtype = lambda x, w_q, w_k, w_v, emb_row, emb_col, nu: stem_tests.reference(  # noqa: E731
+            x, w_q, w_k, w_v, stem_tests.mixture(emb_row, emb_col, nu), heads=heads, block_size=block_size,
+            scale=scale, window=window, padding=padding)
+    # The suite's relative RMS bound, or, where that fails, within the suite's bound of PyTorch's own
+    # error in the dtype on the same inputs (tests/helpers.py): gradients that cancel (the mixture
+    # softmax's, an fp32 emb_row at 4.5e-5 relative RMS, as PyTorch's own fp32) exceed a fixed bound.
+    lowp = None
     y_scale = expected.detach().abs().max().item()
-    assert_close(out, expected, dtype, "y")
-    for name, got, exact in zip(names, grads, expected_grads):
-        if zero_in_exact_arithmetic(exact, y_scale):
+    dy64 = torch.randn(expected.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    for name, got, exact, position in zip(["y", *names], [out, *grads], [expected, *expected_grads],
+                                          range(-1, len(names))):
+        if position >= 0 and zero_in_exact_arithmetic(exact, y_scale):
             assert_rounding_noise(got, exact, dtype, y_scale, name)
-        else:
+            continue
+        try:
             assert_close(got, exact, dtype, name)
+        except AssertionError:
+            if lowp is None:
+                lowp_out, lowp_grads = _in_dtype(in_dtype, leaves64, dy64, dtype)
+                lowp = [lowp_out, *lowp_grads]
+            assert_close_to_reference(got, exact, lowp[position + 1], dtype, name)
+            info["label"] += f" ({name} within PyTorch's own {str(dtype)[6:]} error)"
 
 
 def main(argv=None) -> int:
