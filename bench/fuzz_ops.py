@@ -7,18 +7,24 @@ side), heads, head dim (1-33), window (1-15), dilation (1-3), padding, tables (n
 head), dtype and scale, through the public op (autograd; q, k, v sometimes the parts of one
 packed tensor) or through the launchers at a random autotuning candidate of each kernel; for the
 stem, `spatial_attention2d` and `attention_stem2d` with blocks of 1-5, both windows and paddings,
-1-4 mixtures and channels_last images. y and every gradient are compared with the tests' own
-helpers (tests/helpers.py): the local op within the suite's bound of PyTorch's own error in the
-dtype (fp32 relaxed to 1e-4 relative: the backward's p = exp2(s - lse), flash-attention style,
-loses about |lse| ulps where PyTorch's fp32 softmax loses one), the stem ops within the suite's
-relative RMS or, where that fails, within the suite's bound of PyTorch's own error in the dtype
-on the same inputs (a gradient through the mixture softmax cancels: PyTorch's own fp32 emb_row
-gradient erred by 4.5e-5 relative RMS at seed 31, case 37; the case's line names such a check). A gradient that is zero in exact arithmetic (a 1 x 1 window, a one-key block, the
-row taps of a one-row image with mask padding) is rounding noise in every implementation: it is
-bounded by 64 ulps of y's scale (plus 3x PyTorch's largest error for the local op, whose
-check_results does this for the suite too). Without CUDA the kernels
-run under Triton's interpreter (set here), in fp32 and fp16; on CUDA, compiled, bf16 too. Each
-case prints a line; exit status 1 if any failed. Run from the repository root.
+1-4 mixtures and channels_last images. y and every gradient are compared with float64 by the
+tests' own helpers (tests/helpers.py):
+- within the suite's per-element bound of PyTorch's own error in the dtype on the same inputs
+  (assert_close_to_reference) or, where that fails and the case's line says so, within
+  flash-attention's tests' looser bound (largest and RMS error at most 3x PyTorch's,
+  assert_max_error_within): sums that cancel, such as the table gradients, have heavy-tailed
+  errors, PyTorch's too, which may be small at the element where the kernel's is large;
+- the local op's fp32 relaxed to 1e-4 relative (the backward's p = exp2(s - lse),
+  flash-attention style, loses about |lse| ulps where PyTorch's fp32 softmax loses one);
+- the stem ops also within the suite's relative RMS, unless PyTorch's own result misses that too
+  (the mixture softmax's gradient cancels: PyTorch's own fp32 emb_row erred by 4.5e-5 at seed
+  31, case 37; the case's line says so);
+- a gradient that is zero in exact arithmetic (a 1 x 1 window, a one-key block, the row taps of
+  a one-row image with mask padding) is rounding noise in every implementation: at most 3x
+  PyTorch's largest error in the dtype plus 64 ulps of y's scale (as the suite's check_results).
+Without CUDA the kernels run under Triton's interpreter (set here), in fp32 and fp16; on CUDA,
+compiled, bf16 too. Each case prints a line; exit status 1 if any failed. Run from the
+repository root.
 """
 from __future__ import annotations
 
@@ -37,6 +43,7 @@ def local_case(rng, index, seed, device, dtypes, info):
 
     import sasa_triton
     import test_local_attention as t
+    from helpers import assert_max_error_within, zero_in_exact_arithmetic
     from sasa_triton import tuning
     from sasa_triton.ops.local_attention import config_space
 
@@ -66,17 +73,16 @@ def local_case(rng, index, seed, device, dtypes, info):
         results = t.results_of_launchers(inputs, dy, configs, k, dilation, scale, padding)
     # fp32 at 1e-4 relative: the backward's p = exp2(s - lse) loses about |lse| ulps.
     relaxed = dict(atol_units=2000, rms_atol_units=2000) if dtype == torch.float32 else {}
-    t.check_results(results, *t.references(inputs, dy, **options), dtype, **relaxed)
-
-
-def _in_dtype(fn, leaves64, dy64, dtype):
-    """fn's output and the gradients of its leaves, computed by PyTorch in `dtype` (its float64
-    leaves and dy rounded to it, on the CPU): PyTorch's own error in that dtype."""
-    import torch
-
-    leaves = [t.detach().to(dtype).requires_grad_(True) for t in leaves64]
-    out = fn(*leaves)
-    return out, torch.autograd.grad(out, leaves, dy64.to(dtype))
+    exact, in_dtype = t.references(inputs, dy, **options)
+    try:
+        t.check_results(results, exact, in_dtype, dtype, **relaxed)
+    except AssertionError as error:
+        # Beyond the suite's per-element bound: within flash-attention's tests' bound, said so?
+        y_scale = exact["y"].abs().max().item()
+        for name in exact:
+            if name == "y" or not zero_in_exact_arithmetic(exact[name], y_scale):
+                assert_max_error_within(results[name], exact[name], in_dtype[name], dtype, name, **relaxed)
+        info["label"] += f" (per element: {str(error).strip()[:90]}...; within the largest-error bound)"
 
 
 def stem_case(rng, index, seed, device, dtypes, info):
@@ -84,7 +90,8 @@ def stem_case(rng, index, seed, device, dtypes, info):
 
     import test_attention_stem as stem_tests
     import test_spatial_attention as spatial_tests
-    from helpers import assert_close, assert_close_to_reference, assert_rounding_noise, zero_in_exact_arithmetic
+    from helpers import (assert_close, assert_close_to_reference, assert_max_error_within, assert_rounding_noise,
+                         zero_in_exact_arithmetic)
 
     dtype, block_size = rng.choice(dtypes), rng.choice([1, 2, 3, 4, 5])
     window, padding = rng.choice(["block", "sliding"]), rng.choice(["zeros", "mask"])
@@ -93,13 +100,10 @@ def stem_case(rng, index, seed, device, dtypes, info):
         heads, D, M = rng.randint(1, 3), rng.choice([1, 2, 3, 5, 8, 16, 17]), rng.randint(1, 4)
         label = f"spatial B{B} H{H} W{W} h{heads} D{D} M{M} bs{block_size} {window} {padding} {dtype} s{scale}"
         info["label"] = label
-        mix_dtype = rng.choice([None, torch.float32])
-        out, expected, grads, expected_grads = spatial_tests.run_both(
-            (B, H, W, heads, D, M, block_size, window, padding), device, dtype, mix_dtype, scale=scale)
-        names = ["dq", "dk", "dvalues", "dmix"]
-        leaves64 = spatial_tests.make_inputs(B, H, W, heads, D, M, block_size, "cpu", dtype, mix_dtype)[1]
-        in_dtype = lambda *leaves: spatial_tests.reference(  # noqa: E731
-            *leaves, block_size=block_size, scale=scale, window=window, padding=padding)
+        out, expected, grads, expected_grads, lowp = spatial_tests.run_both(
+            (B, H, W, heads, D, M, block_size, window, padding), device, dtype, rng.choice([None, torch.float32]),
+            scale=scale)
+        names = spatial_tests.GRAD_NAMES
     else:
         heads, D, C_in, M = rng.choice([1, 2, 4]), rng.choice([1, 2, 4, 8]), rng.choice([1, 3, 4]), rng.randint(1, 4)
         channels_last = rng.random() < 0.3
@@ -108,32 +112,32 @@ def stem_case(rng, index, seed, device, dtypes, info):
         info["label"] = label
         inputs = stem_tests.make_inputs(B, C_in, H, W, heads * D, M, block_size, dtype, channels_last=channels_last,
                                         seed=seed * 1000 + index)
-        out, expected, grads, expected_grads = stem_tests.run_both(inputs, heads, block_size, window, padding, dtype,
-                                                                   device, scale=scale)
+        out, expected, grads, expected_grads, lowp = stem_tests.run_both(inputs, heads, block_size, window,
+                                                                         padding, dtype, device, scale=scale)
         names = stem_tests.GRAD_NAMES
-        leaves64 = inputs
-        in_dtype = lambda x, w_q, w_k, w_v, emb_row, emb_col, nu: stem_tests.reference(  # noqa: E731
-            x, w_q, w_k, w_v, stem_tests.mixture(emb_row, emb_col, nu), heads=heads, block_size=block_size,
-            scale=scale, window=window, padding=padding)
-    # The suite's relative RMS bound, or, where that fails, within the suite's bound of PyTorch's own
-    # error in the dtype on the same inputs (tests/helpers.py): gradients that cancel (the mixture
-    # softmax's, an fp32 emb_row at 4.5e-5 relative RMS, as PyTorch's own fp32) exceed a fixed bound.
-    lowp = None
+    # Every element within the suite's bound of PyTorch's own error in the dtype on the same inputs
+    # (lowp), and the suite's relative RMS bound unless that is where PyTorch's own error lies too
+    # (a gradient through the mixture softmax cancels: an fp32 emb_row at 4.5e-5 relative RMS).
     y_scale = expected.detach().abs().max().item()
-    dy64 = torch.randn(expected.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    for name, got, exact, position in zip(["y", *names], [out, *grads], [expected, *expected_grads],
-                                          range(-1, len(names))):
-        if position >= 0 and zero_in_exact_arithmetic(exact, y_scale):
-            assert_rounding_noise(got, exact, dtype, y_scale, name)
+    for name, got, exact, theirs in zip(["y", *names], [out, *grads], [expected, *expected_grads],
+                                        [lowp[0], *lowp[1]]):
+        if name != "y" and zero_in_exact_arithmetic(exact, y_scale):
+            assert_rounding_noise(got, exact, dtype, y_scale, name, theirs)
             continue
         try:
+            assert_close_to_reference(got, exact, theirs, dtype, name)
+        except AssertionError as error:
+            assert_max_error_within(got, exact, theirs, dtype, name)
+            info["label"] += f" (per element: {str(error).strip()[:90]}...; within the largest-error bound)"
+        try:
             assert_close(got, exact, dtype, name)
-        except AssertionError:
-            if lowp is None:
-                lowp_out, lowp_grads = _in_dtype(in_dtype, leaves64, dy64, dtype)
-                lowp = [lowp_out, *lowp_grads]
-            assert_close_to_reference(got, exact, lowp[position + 1], dtype, name)
-            info["label"] += f" ({name} within PyTorch's own {str(dtype)[6:]} error)"
+        except AssertionError as error:
+            try:
+                assert_close(theirs, exact, dtype, name)
+            except AssertionError:  # PyTorch's own result misses the fixed bound too
+                info["label"] += f" ({name} beyond the relative RMS bound, as PyTorch's own {str(dtype)[6:]})"
+                continue
+            raise error
 
 
 def main(argv=None) -> int:

@@ -10,7 +10,7 @@ import sasa_triton
 from sasa_triton.ops.spatial_attention import _bwd, _fwd
 from sasa_triton.reference import spatial_attention2d as reference
 
-from helpers import STEM_OPTION_ERRORS, assert_close
+from helpers import STEM_OPTION_ERRORS, assert_close, assert_close_everywhere, results_in_dtype
 
 
 def direct_definition(q, k, values, mix, block_size, scale, window, padding):
@@ -120,6 +120,9 @@ KERNEL_CASES = [
 
 
 def run_both(case, device, dtype, mix_dtype=None, scale=0.7):
+    """The Triton op on `dtype` inputs (mix in mix_dtype), the float64 reference, and the same
+    reference computed by PyTorch in `dtype` on the op's device (lowp: its y and gradients): y
+    and the gradients of q, k, values and mix of each."""
     B, H, W, heads, D, M, block_size, window, padding = case
     kernel_inputs, reference_inputs = make_inputs(B, H, W, heads, D, M, block_size, device, dtype, mix_dtype)
     for t in kernel_inputs + reference_inputs:
@@ -130,18 +133,27 @@ def run_both(case, device, dtype, mix_dtype=None, scale=0.7):
     dy = torch.randn(expected.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     grads = torch.autograd.grad(out, kernel_inputs, dy.to(device, dtype))
     expected_grads = torch.autograd.grad(expected, reference_inputs, dy)
-    return out, expected, grads, expected_grads
+    lowp = results_in_dtype(lambda *leaves: reference(*leaves, **kwargs), reference_inputs, dy, dtype, device)
+    return out, expected, grads, expected_grads, lowp
+
+
+GRAD_NAMES = ["dq", "dk", "dvalues", "dmix"]
+
+
+def check_all(out, expected, grads, expected_grads, lowp, dtype, mix_dtype=None):
+    """y and every gradient: within the dtype's relative RMS of float64 and, per element, within
+    the suite's bound of PyTorch's own error in the dtype (tests/helpers.py)."""
+    assert out.dtype == dtype and out.shape == expected.shape
+    assert_close_everywhere(out, expected, lowp[0], dtype, "y")
+    for name, g, e, r in zip(GRAD_NAMES, grads, expected_grads, lowp[1]):
+        assert g.dtype == (mix_dtype or dtype if name == "dmix" else dtype), name
+        assert_close_everywhere(g, e, r, dtype, name)
 
 
 @pytest.mark.parametrize("B,H,W,heads,D,M,block_size,window,padding", KERNEL_CASES)
 def test_forward_backward_fp32(B, H, W, heads, D, M, block_size, window, padding, device):
     case = (B, H, W, heads, D, M, block_size, window, padding)
-    out, expected, grads, expected_grads = run_both(case, device, torch.float32)
-    assert out.dtype == torch.float32 and out.shape == expected.shape
-    assert_close(out, expected, torch.float32, "y")
-    for name, g, e in zip(["dq", "dk", "dvalues", "dmix"], grads, expected_grads):
-        assert g.dtype == torch.float32
-        assert_close(g, e, torch.float32, name)
+    check_all(*run_both(case, device, torch.float32), torch.float32)
 
 
 @pytest.mark.parametrize("mix_dtype", [torch.float16, torch.float32], ids=["mix-fp16", "mix-fp32"])
@@ -149,12 +161,7 @@ def test_forward_backward_fp32(B, H, W, heads, D, M, block_size, window, padding
 def test_forward_backward_fp16(B, H, W, heads, D, M, block_size, window, padding, mix_dtype, device):
     """fp16 activations; the mixture table fp16 too, or fp32 as a parameter-derived table under autocast."""
     case = (B, H, W, heads, D, M, block_size, window, padding)
-    out, expected, grads, expected_grads = run_both(case, device, torch.float16, mix_dtype)
-    assert out.dtype == torch.float16
-    assert_close(out, expected, torch.float16, "y")
-    for name, g, e in zip(["dq", "dk", "dvalues", "dmix"], grads, expected_grads):
-        assert_close(g, e, torch.float16, name)
-    assert grads[3].dtype == mix_dtype
+    check_all(*run_both(case, device, torch.float16, mix_dtype), torch.float16, mix_dtype)
 
 
 TILINGS = [
@@ -347,6 +354,33 @@ def test_head_dim_above_128_is_refused_by_the_kernels(device):
                                         backend="triton")
 
 
+def test_check_rejects_one_zeroed_element_that_the_relative_rms_passes():
+    """check_all's per-element bound has teeth where bf16's relative RMS alone has none: PyTorch's
+    own bf16 result passes it, and the same with one dvalues element of typical size zeroed (as a
+    kernel skipping a store would leave; 2.3 % RMS, under bf16's 3e-2) fails it."""
+    dtype = torch.bfloat16
+    case = (1, 8, 9, 2, 8, 3, 3, "sliding", "mask")
+    _, reference_inputs = make_inputs(*case[:7], "cpu", dtype)
+    kwargs = dict(block_size=3, scale=0.7, window="sliding", padding="mask")
+    for t in reference_inputs:
+        t.requires_grad_(True)
+    expected = reference(*reference_inputs, **kwargs)
+    dy = torch.randn(expected.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    expected_grads = torch.autograd.grad(expected, reference_inputs, dy)
+    lowp = results_in_dtype(lambda *leaves: reference(*leaves, **kwargs), reference_inputs, dy, dtype)
+    check_all(*lowp[:1], expected, lowp[1], expected_grads, lowp, dtype)
+    exact = expected_grads[2]
+    rms = exact.pow(2).mean().sqrt()
+    typical = torch.nonzero(((exact.abs() >= rms) & (exact.abs() <= 1.5 * rms)).flatten()).flatten()
+    wrong = lowp[1][2].clone().flatten()
+    wrong[typical[7]] = 0
+    wrong = wrong.view_as(exact)
+    assert_close(wrong, exact, dtype, "dvalues")  # the relative RMS alone lets it through
+    grads = (*lowp[1][:2], wrong, lowp[1][3])
+    with pytest.raises(AssertionError, match="dvalues: 1 of 3456 elements beyond"):
+        check_all(lowp[0], expected, grads, expected_grads, lowp, dtype)
+
+
 # --------------------------------------------------------------------------------------------
 # GPU only: larger shapes, bf16, default tiles
 # --------------------------------------------------------------------------------------------
@@ -363,21 +397,8 @@ def test_head_dim_above_128_is_refused_by_the_kernels(device):
     pytest.param(5, "sliding", "mask", 128, id="bs5-sliding-mask-D128"),
 ])
 def test_gpu_larger_shapes(dtype, block_size, window, padding, D):
-    B, H, W, heads, M = 2, 30, 27, 4, 4
-    kernel_inputs, reference_inputs = make_inputs(B, H, W, heads, D, M, block_size, "cuda", dtype,
-                                                  mix_dtype=torch.float32)
-    reference_inputs = [t.cuda() for t in reference_inputs]
-    for t in kernel_inputs + reference_inputs:
-        t.requires_grad_(True)
-    kwargs = dict(block_size=block_size, window=window, padding=padding, scale=D ** -0.5)
-    out = sasa_triton.spatial_attention2d(*kernel_inputs, **kwargs)
-    expected = reference(*reference_inputs, **kwargs)
-    assert_close(out, expected, dtype, "y")
-    dy = torch.randn_like(expected)
-    grads = torch.autograd.grad(out, kernel_inputs, dy.to(dtype))
-    expected_grads = torch.autograd.grad(expected, reference_inputs, dy)
-    for name, g, e in zip(["dq", "dk", "dvalues", "dmix"], grads, expected_grads):
-        assert_close(g, e, dtype, name)
+    case = (2, 30, 27, 4, D, 4, block_size, window, padding)
+    check_all(*run_both(case, "cuda", dtype, torch.float32, scale=D ** -0.5), dtype, torch.float32)
 
 
 @pytest.mark.gpu
@@ -401,9 +422,4 @@ def test_bf16_under_the_interpreter_matches_the_reference(window):
     """The interpreter mishandles bf16 (garbage values); spatial_attention2d computes in fp32 there
     and returns bf16, with bf16 gradients: it agrees with the float64 reference at bf16 tolerance."""
     case = (1, 5, 6, 2, 4, 2, 2, window, "mask")
-    out, expected, grads, expected_grads = run_both(case, "cpu", torch.bfloat16)
-    assert out.dtype == torch.bfloat16
-    assert_close(out, expected, torch.bfloat16, "y")
-    for name, g, e in zip(["dq", "dk", "dvalues", "dmix"], grads, expected_grads):
-        assert g.dtype == torch.bfloat16
-        assert_close(g, e, torch.bfloat16, name)
+    check_all(*run_both(case, "cpu", torch.bfloat16), torch.bfloat16)
