@@ -117,7 +117,9 @@ def assert_max_error_within(actual: torch.Tensor, expected64: torch.Tensor, expe
         f"{name}: largest error {err.max().item():.3e} > {factor:g} x the {dtype} reference's largest "
         f"{base.max().item():.3e} + {atol_units:g} u rms = {limit:.3e}; worst at {_worst(err)}")
     limit = factor * base.pow(2).mean().sqrt().item() + rms_atol_units * u * scale
-    assert err.pow(2).mean().sqrt().item() <= limit, f"{name}: RMS error {err.pow(2).mean().sqrt().item():.3e} > {limit:.3e}"
+    rms_err = err.pow(2).mean().sqrt().item()
+    assert rms_err <= limit, (f"{name}: RMS error {rms_err:.3e} > {factor:g} x the {dtype} reference's "
+                              f"+ {rms_atol_units:g} u rms = {limit:.3e}")
 
 
 def results_in_dtype(fn, leaves64, dy64: torch.Tensor, dtype: torch.dtype, device="cpu") -> tuple:

@@ -203,6 +203,50 @@ def test_tilings_write_every_element(block_size, window, H, W, config, config_dk
         assert_close(g, e, torch.float32, name)
 
 
+DTYPE_IDS = {torch.float32: "fp32", torch.float16: "fp16"}
+
+
+@pytest.mark.parametrize("block_size,window,padding,D,H,W,dtype", [
+    # The paper's stem; D > 64 (32-pixel chunks); 81-tap blocks in chunks: the block kernels' 16-bit
+    # forward fills 64-pixel chunks, fp32's 16, so both. The sliding kernels' tiles are the same in
+    # both dtypes: one each (bs 5: 16-wide tiles).
+    *(pytest.param(*case, dtype, id=f"{name}-{DTYPE_IDS[dtype]}") for dtype in DTYPE_IDS for case, name in (
+        ((4, "block", "zeros", 16, 9, 10), "bs4-block-zeros-D16"),
+        ((3, "block", "mask", 72, 7, 5), "bs3-block-mask-D72"),
+        ((9, "block", "zeros", 8, 10, 11), "bs9-block-zeros-D8"))),
+    pytest.param(4, "sliding", "mask", 16, 9, 10, torch.float16, id="bs4-sliding-mask-D16-fp16"),
+    pytest.param(5, "sliding", "zeros", 8, 6, 17, torch.float32, id="bs5-sliding-zeros-D8-fp32"),
+])
+def test_gpu_default_configs(block_size, window, padding, D, H, W, dtype, device):
+    """The GPU's default tiles (tuning.gpu_default_config; the interpreter otherwise runs smaller
+    ones) through the launchers, with NaN-poisoned buffers: every element written, y and every
+    gradient within the suite's bounds of PyTorch's own error in the dtype, per element."""
+    from sasa_triton import tuning
+
+    case = (1, H, W, 2, D, 3, block_size, window, padding)
+    configs = {kind: tuning.gpu_default_config(f"spatial_{window}_{kind}", block_size, 1, D, dtype)
+               for kind in ("fwd", "dq", "dkdv")}
+    if device.type == "cpu":  # (what the interpreter would run otherwise)
+        assert configs["fwd"] != tuning.default_config(f"spatial_{window}_fwd", block_size, 1, D, dtype)
+    kernel_inputs, reference_inputs = make_inputs(*case[:7], device, dtype)
+    q, k, values, mix = kernel_inputs
+    kwargs = dict(block_size=block_size, scale=0.7, window=window, padding=padding)
+    y = torch.full_like(q, float("nan"))
+    lse = torch.full((1, 2, H, W), float("nan"), device=device)
+    y, lse = _fwd(q, k, values, mix, block_size, 0.7, window, padding, y=y, lse=lse, config=configs["fwd"])
+    assert torch.isfinite(lse).all()
+    for t in reference_inputs:
+        t.requires_grad_(True)
+    expected = reference(*reference_inputs, **kwargs)
+    dy = torch.randn(expected.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    grads = tuple(torch.full_like(t, float("nan")) for t in (q, k, values))
+    got = _bwd(q, k, values, mix, y, lse, dy.to(device, dtype), block_size, 0.7, window, padding, grads=grads,
+               config_dq=configs["dq"], config_dkdv=configs["dkdv"])
+    expected_grads = torch.autograd.grad(expected, reference_inputs, dy)
+    lowp = results_in_dtype(lambda *leaves: reference(*leaves, **kwargs), reference_inputs, dy, dtype, device)
+    check_all(y, expected, got, expected_grads, lowp, dtype)
+
+
 @pytest.mark.parametrize("window", ["block", "sliding"])
 def test_strided_views_of_a_fused_projection(window, device):
     """q, k and the M value maps as views of one (2 + M) * C-channel projection, NCHW and
