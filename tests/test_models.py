@@ -108,7 +108,7 @@ def test_small_model_on_the_triton_path_matches_float64(device):
     torch.manual_seed(0)
     model = small_sasa(stem="attention", backend="triton").to(device).to(memory_format=torch.channels_last).eval()
     fp32 = models.set_backend(copy.deepcopy(model), "reference")
-    exact = copy.deepcopy(fp32).cpu().double()
+    exact = copy.deepcopy(fp32).double()
     x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     x = x.contiguous(memory_format=torch.channels_last)
 
@@ -118,7 +118,7 @@ def test_small_model_on_the_triton_path_matches_float64(device):
         return logits, torch.autograd.grad((logits.flatten() * weights).sum(), list(net.parameters()))
 
     got, exact_results, theirs = (run(net, inputs) for net, inputs in (
-        (model, x.float().to(device)), (exact, x), (fp32, x.float().to(device))))
+        (model, x.float().to(device)), (exact, x.to(device)), (fp32, x.float().to(device))))
     names = ["logits", *(name for name, _ in exact.named_parameters())]
     assert sum("rel_rows" in n for n in names) == 4, names  # every attention layer's tables
     for name, g, e, r in zip(names, [got[0], *got[1]], [exact_results[0], *exact_results[1]],

@@ -182,7 +182,7 @@ def test_layer_under_autocast_matches_float64(dtype, device):
     layer = layer.to(device)
     reference_layer = copy.deepcopy(layer)
     reference_layer.backend = "reference"
-    exact_layer = copy.deepcopy(reference_layer).cpu().double()
+    exact_layer = copy.deepcopy(reference_layer).double()  # (on the device: float64 is fast on a GPU)
     gen = torch.Generator().manual_seed(1)
     x64 = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype).double()  # what autocast reads
     x64 = x64.contiguous(memory_format=torch.channels_last)
@@ -196,7 +196,7 @@ def test_layer_under_autocast_matches_float64(dtype, device):
 
     out, grads = run(layer, x64.float().to(device), True)
     lowp, lowp_grads = run(reference_layer, x64.float().to(device), True)
-    exact, exact_grads = run(exact_layer, x64, False)
+    exact, exact_grads = run(exact_layer, x64.to(device), False)
     assert out.dtype == lowp.dtype == dtype
     assert_close_everywhere(out, exact, lowp, dtype, "y")
     names = ["x", *(name for name, _ in exact_layer.named_parameters())]

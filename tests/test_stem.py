@@ -173,7 +173,7 @@ def test_stem_under_bf16_autocast_matches_float64(device):
     triton_layer = stem.attention.to(device)
     reference_layer = copy.deepcopy(triton_layer)
     reference_layer.backend = "reference"
-    exact_layer = copy.deepcopy(reference_layer).cpu().double()
+    exact_layer = copy.deepcopy(reference_layer).double()  # (on the device: float64 is fast on a GPU)
     gen = torch.Generator().manual_seed(4)
     x64 = torch.randn(shape, generator=gen, dtype=torch.float64).bfloat16().double()  # what autocast reads
     x64 = x64.contiguous(memory_format=torch.channels_last)
@@ -188,7 +188,7 @@ def test_stem_under_bf16_autocast_matches_float64(device):
 
     out, grads = run(triton_layer, x64.float().to(device), True)
     lowp, lowp_grads = run(reference_layer, x64.float().to(device), True)
-    exact, exact_grads = run(exact_layer, x64, False)
+    exact, exact_grads = run(exact_layer, x64.to(device), False)
     assert out.dtype == lowp.dtype == torch.bfloat16
     assert_close_everywhere(out, exact, lowp, torch.bfloat16, "y")
     names = ["x", *(name for name, _ in exact_layer.named_parameters())]
