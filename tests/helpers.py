@@ -141,6 +141,39 @@ def assert_close_everywhere(actual: torch.Tensor, expected64: torch.Tensor, expe
     assert_close_to_reference(actual, expected64, expected_lowp, dtype, name)
 
 
+def assert_module_under_autocast_matches_float64(module, shape, dtype: torch.dtype, device, seed: int = 0) -> None:
+    """`module` (a layer on `device`, the Triton backend) under `dtype` autocast against itself in
+    float64 on the reference backend: y and the gradients of x and of every parameter, each element
+    within assert_close_everywhere's bounds of PyTorch's own error under the same autocast (the
+    module on the reference backend). x (channels_last, of `shape`) holds values of `dtype`, as
+    autocast reads them."""
+    import copy
+
+    reference_module = copy.deepcopy(module)
+    reference_module.backend = "reference"
+    exact_module = copy.deepcopy(reference_module).double()  # (on the device: float64 is fast on a GPU)
+    gen = torch.Generator().manual_seed(seed)
+    x64 = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype).double()
+    x64 = x64.contiguous(memory_format=torch.channels_last).to(device)
+    dy = torch.randn(shape[0], module.out_channels, *shape[2:], generator=gen, dtype=torch.float64)
+
+    def run(layer, x, autocast):
+        x = x.clone().requires_grad_(True)
+        with torch.autocast(torch.device(device).type, dtype=dtype, enabled=autocast):
+            out = layer(x)
+        return out, torch.autograd.grad(out, [x, *layer.parameters()], dy.to(device, out.dtype))
+
+    out, grads = run(module, x64.float(), True)
+    lowp, lowp_grads = run(reference_module, x64.float(), True)
+    exact, exact_grads = run(exact_module, x64, False)
+    assert out.dtype == lowp.dtype == dtype
+    assert_close_everywhere(out, exact, lowp, dtype, "y")
+    names = ["x", *(name for name, _ in exact_module.named_parameters())]
+    for name, g, e, r in zip(names, grads, exact_grads, lowp_grads):
+        assert g.dtype == r.dtype, name
+        assert_close_everywhere(g, e, r, dtype, name)
+
+
 def zero_in_exact_arithmetic(expected64: torch.Tensor, scale: float) -> bool:
     """Whether a float64 result is zero next to `scale` (the output's largest value): a gradient
     that vanishes in exact arithmetic (a softmax over one key; logits all shifted alike)."""

@@ -9,7 +9,7 @@ import sasa_triton
 from sasa_triton import SelfAttention2d
 from sasa_triton.reference import local_attention2d as reference
 
-from helpers import assert_close, assert_close_everywhere, autograd_graph_nodes
+from helpers import assert_close, assert_module_under_autocast_matches_float64, autograd_graph_nodes
 
 
 def manual_layer(layer, x):
@@ -179,31 +179,7 @@ def test_layer_under_autocast_matches_float64(dtype, device):
         layer, shape = SelfAttention2d(32, 64, kernel_size=7, heads=8, backend="triton"), (2, 32, 20, 20)
     else:
         layer, shape = SelfAttention2d(8, 16, kernel_size=3, heads=2, backend="triton"), (1, 8, 5, 6)
-    layer = layer.to(device)
-    reference_layer = copy.deepcopy(layer)
-    reference_layer.backend = "reference"
-    exact_layer = copy.deepcopy(reference_layer).double()  # (on the device: float64 is fast on a GPU)
-    gen = torch.Generator().manual_seed(1)
-    x64 = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype).double()  # what autocast reads
-    x64 = x64.contiguous(memory_format=torch.channels_last)
-    dy = torch.randn(shape[0], layer.out_channels, *shape[2:], generator=gen, dtype=torch.float64)
-
-    def run(module, x, autocast):
-        x = x.clone().requires_grad_(True)
-        with torch.autocast(device.type, dtype=dtype, enabled=autocast):
-            out = module(x)
-        return out, torch.autograd.grad(out, [x, *module.parameters()], dy.to(device, out.dtype))
-
-    out, grads = run(layer, x64.float().to(device), True)
-    lowp, lowp_grads = run(reference_layer, x64.float().to(device), True)
-    exact, exact_grads = run(exact_layer, x64.to(device), False)
-    assert out.dtype == lowp.dtype == dtype
-    assert_close_everywhere(out, exact, lowp, dtype, "y")
-    names = ["x", *(name for name, _ in exact_layer.named_parameters())]
-    assert {"rel_rows", "rel_cols"} <= set(names), names
-    for name, g, e, r in zip(names, grads, exact_grads, lowp_grads):
-        assert g.dtype == r.dtype, name
-        assert_close_everywhere(g, e, r, dtype, name)
+    assert_module_under_autocast_matches_float64(layer.to(device), shape, dtype, device, seed=1)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's bf16 detour (CPU only)")

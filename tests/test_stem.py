@@ -1,13 +1,11 @@
 """SpatialAttention2d and AttentionStem: shapes, parameters, validation and gradients."""
-import copy
-
 import pytest
 import torch
 
 import sasa_triton
 from sasa_triton import AttentionStem, SpatialAttention2d
 
-from helpers import assert_close, assert_close_everywhere
+from helpers import assert_close, assert_module_under_autocast_matches_float64
 
 
 def expected_parameter_count(in_channels, out_channels, block_size, heads, mixtures, embed_dim=None):
@@ -170,28 +168,4 @@ def test_stem_under_bf16_autocast_matches_float64(device):
         stem, shape = AttentionStem(backend="triton"), (2, 3, 224, 224)
     else:
         stem, shape = AttentionStem(3, 16, block_size=3, heads=2, mixtures=3, backend="triton"), (1, 3, 7, 8)
-    triton_layer = stem.attention.to(device)
-    reference_layer = copy.deepcopy(triton_layer)
-    reference_layer.backend = "reference"
-    exact_layer = copy.deepcopy(reference_layer).double()  # (on the device: float64 is fast on a GPU)
-    gen = torch.Generator().manual_seed(4)
-    x64 = torch.randn(shape, generator=gen, dtype=torch.float64).bfloat16().double()  # what autocast reads
-    x64 = x64.contiguous(memory_format=torch.channels_last)
-    dy = torch.randn(shape[0], triton_layer.out_channels, *shape[2:], generator=gen, dtype=torch.float64)
-
-    def run(layer, x, autocast):
-        x = x.clone().requires_grad_(True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            out = layer(x)
-        grads = torch.autograd.grad(out, [x, *layer.parameters()], dy.to(device, out.dtype))
-        return out, grads
-
-    out, grads = run(triton_layer, x64.float().to(device), True)
-    lowp, lowp_grads = run(reference_layer, x64.float().to(device), True)
-    exact, exact_grads = run(exact_layer, x64.to(device), False)
-    assert out.dtype == lowp.dtype == torch.bfloat16
-    assert_close_everywhere(out, exact, lowp, torch.bfloat16, "y")
-    names = ["x", *(name for name, _ in exact_layer.named_parameters())]
-    for name, g, e, r in zip(names, grads, exact_grads, lowp_grads):
-        assert g.dtype == r.dtype, name
-        assert_close_everywhere(g, e, r, torch.bfloat16, name)
+    assert_module_under_autocast_matches_float64(stem.attention.to(device), shape, torch.bfloat16, device, seed=4)
