@@ -125,16 +125,25 @@ def run_both(case, device, dtype, mix_dtype=None, scale=0.7):
     and the gradients of q, k, values and mix of each."""
     B, H, W, heads, D, M, block_size, window, padding = case
     kernel_inputs, reference_inputs = make_inputs(B, H, W, heads, D, M, block_size, device, dtype, mix_dtype)
-    for t in kernel_inputs + reference_inputs:
+    for t in kernel_inputs:
         t.requires_grad_(True)
     kwargs = dict(block_size=block_size, scale=scale, window=window, padding=padding)
     out = sasa_triton.spatial_attention2d(*kernel_inputs, backend="triton", **kwargs)
+    expected, dy, expected_grads, lowp = references(reference_inputs, kwargs, dtype, device)
+    grads = torch.autograd.grad(out, kernel_inputs, dy.to(device, dtype))
+    return out, expected, grads, expected_grads, lowp
+
+
+def references(reference_inputs, kwargs, dtype, device="cpu"):
+    """The float64 reference's y, the output gradient dy (seeded), the reference's gradients, and
+    the same computed by PyTorch in `dtype` on `device` (lowp: its y and gradients)."""
+    for t in reference_inputs:
+        t.requires_grad_(True)
     expected = reference(*reference_inputs, **kwargs)
     dy = torch.randn(expected.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    grads = torch.autograd.grad(out, kernel_inputs, dy.to(device, dtype))
     expected_grads = torch.autograd.grad(expected, reference_inputs, dy)
     lowp = results_in_dtype(lambda *leaves: reference(*leaves, **kwargs), reference_inputs, dy, dtype, device)
-    return out, expected, grads, expected_grads, lowp
+    return expected, dy, expected_grads, lowp
 
 
 GRAD_NAMES = ["dq", "dk", "dvalues", "dmix"]
@@ -235,15 +244,10 @@ def test_gpu_default_configs(block_size, window, padding, D, H, W, dtype, device
     lse = torch.full((1, 2, H, W), float("nan"), device=device)
     y, lse = _fwd(q, k, values, mix, block_size, 0.7, window, padding, y=y, lse=lse, config=configs["fwd"])
     assert torch.isfinite(lse).all()
-    for t in reference_inputs:
-        t.requires_grad_(True)
-    expected = reference(*reference_inputs, **kwargs)
-    dy = torch.randn(expected.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    expected, dy, expected_grads, lowp = references(reference_inputs, kwargs, dtype, device)
     grads = tuple(torch.full_like(t, float("nan")) for t in (q, k, values))
     got = _bwd(q, k, values, mix, y, lse, dy.to(device, dtype), block_size, 0.7, window, padding, grads=grads,
                config_dq=configs["dq"], config_dkdv=configs["dkdv"])
-    expected_grads = torch.autograd.grad(expected, reference_inputs, dy)
-    lowp = results_in_dtype(lambda *leaves: reference(*leaves, **kwargs), reference_inputs, dy, dtype, device)
     check_all(y, expected, got, expected_grads, lowp, dtype)
 
 
@@ -406,13 +410,8 @@ def test_check_rejects_one_zeroed_element_that_the_relative_rms_passes():
     case = (1, 8, 9, 2, 8, 3, 3, "sliding", "mask")
     _, reference_inputs = make_inputs(*case[:7], "cpu", dtype)
     kwargs = dict(block_size=3, scale=0.7, window="sliding", padding="mask")
-    for t in reference_inputs:
-        t.requires_grad_(True)
-    expected = reference(*reference_inputs, **kwargs)
-    dy = torch.randn(expected.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    expected_grads = torch.autograd.grad(expected, reference_inputs, dy)
-    lowp = results_in_dtype(lambda *leaves: reference(*leaves, **kwargs), reference_inputs, dy, dtype)
-    check_all(*lowp[:1], expected, lowp[1], expected_grads, lowp, dtype)
+    expected, _, expected_grads, lowp = references(reference_inputs, kwargs, dtype)
+    check_all(lowp[0], expected, lowp[1], expected_grads, lowp, dtype)
     exact = expected_grads[2]
     rms = exact.pow(2).mean().sqrt()
     typical = torch.nonzero(((exact.abs() >= rms) & (exact.abs() <= 1.5 * rms)).flatten()).flatten()
