@@ -517,3 +517,50 @@ def test_fuzz_script_runs_its_cases():
     assert proc.stdout.count("\nok   ") + proc.stdout.startswith("ok   ") == 6
     assert "6 of 6 cases within bounds, 0 failed" in proc.stdout
     assert "local " in proc.stdout and "spatial " in proc.stdout
+
+
+def _bench_script(name):
+    import importlib.util
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(root, "bench", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("path", ["sasa_triton/ops/local_attention.py", "sasa_triton/ops/spatial_attention.py",
+                                  "sasa_triton/ops/attention_stem.py"])
+def test_mutation_script_writes_each_mutant_as_one_change(path):
+    """bench/mutants.py: a mutant of a kernel file (40 drawn of each file's hundreds) is Python
+    and differs from the file from the expression it names on only."""
+    import ast
+    import random
+    mutants = _bench_script("mutants")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, path)) as f:
+        source = f.read()
+    found = mutants.sites(source)
+    assert len(found) > 100
+    for site in random.Random(0).sample(found, 40):
+        mutated = mutants.apply(source, site)
+        ast.parse(mutated)
+        start = sum(len(line) for line in source.splitlines(keepends=True)[:site["line"] - 1])
+        assert mutated[:start] == source[:start]
+        assert mutated != source and mutated.endswith(source[len(source) - len(source.splitlines(keepends=True)[-1]):])
+
+
+def test_mutation_script_kills_a_wrong_kernel(tmp_path):
+    """One mutant of the forward kernel's addressing, run through bench/mutants.py against one
+    test, is killed, and the private copy gets the kernel file back unchanged."""
+    mutants = _bench_script("mutants")
+    path = "sasa_triton/ops/local_attention.py"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, path)) as f:
+        source = f.read()
+    site = next(s for s in mutants.sites(source) if s["function"] == "_pixel_ptrs" and s["what"] == "Mult -> Div")
+    repo = mutants._copy_repo(str(tmp_path))
+    test = "tests/test_local_attention.py::test_public_op_matches_reference"
+    result = mutants.run_one(repo, path, source, site, [test, "-k", "fp32"], timeout=300)
+    assert result["outcome"] == "killed", result
+    with open(os.path.join(repo, path)) as f:
+        assert f.read() == source
