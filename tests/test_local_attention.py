@@ -437,6 +437,38 @@ def test_every_output_element_is_written(padding, device):
         assert torch.isfinite(g).all()
 
 
+def test_preallocated_gradients_of_different_layouts_are_refused(device):
+    """_bwd writes dq, dk and dv with one set of strides: gradients that share a shape but not a
+    layout (here dk transposed in H and W) are refused, not written as if laid out like dq."""
+    B, H, W, heads, D, k = 1, 6, 6, 1, 8, 3
+    (q, key, v, rel_rows, rel_cols), dy = make_inputs(B, H, W, heads, D, k, "shared", device, torch.float32)
+    dy = dy.to(device, torch.float32)
+    y, lse = _fwd(q, key, v, rel_rows, rel_cols, k, 1, 1.0, "zeros")
+    transposed = torch.empty(B, W, H, heads, D, device=device).transpose(1, 2)
+    assert transposed.shape == q.shape and transposed.stride() != q.stride()
+    for grads in ((torch.empty_like(q), transposed, torch.empty_like(q)),
+                  (torch.empty_like(q), torch.empty_like(q), transposed)):
+        with pytest.raises(ValueError, match="grads must be contiguous"):
+            _bwd(q, key, v, rel_rows, rel_cols, y, lse, dy, k, 1, 1.0, "zeros", grads=grads)
+
+
+def test_row_strides_past_int32_offsets_are_refused():
+    """A tile's haloed strip is addressed with int32 offsets: the largest row stride whose
+    strip stays under 2**31 elements is planned, the next one is refused with a clear error."""
+    shape = (1, 4, 2, 1, 8)
+    plan = _op_plan(*(torch.empty(shape, device="meta"),) * 3, None, 3, 1, "zeros")
+    rows = max(p.meta["BLOCK_H"] + 2 * p.meta["DILATION"] * (p.meta["KSIZE"] // 2) + p.meta["STEP_ROWS"]
+               for p in (plan.fwd, plan.dq, plan.dkdv))
+    limit = -(-2 ** 31 // rows)  # the smallest row stride with rows * stride >= 2**31
+    for stride_h in (limit - 1, limit):
+        view = torch.empty(0, device="meta").as_strided(shape, (4 * stride_h, stride_h, 8, 8, 1))
+        if stride_h < limit:
+            assert _op_plan(view, view, view, None, 3, 1, "zeros").strides[1] == stride_h
+        else:
+            with pytest.raises(ValueError, match="rows are too far apart"):
+                _op_plan(view, view, view, None, 3, 1, "zeros")
+
+
 def test_noncontiguous_and_channels_last_views(device):
     """q, k, v as strided views of one fused projection: channels_last needs no copy, NCHW is
     copied to contiguous tensors first; y and every gradient either way."""
