@@ -7,7 +7,7 @@ Each mutant changes one thing in one `@triton.jit` function of FILE (with `--fun
 named functions instead, host code too): an operator (+ and -, * and /, // to *, & and |), a
 comparison's strictness or sense, `and`/`or`, an integer constant by one, `tl.maximum` and
 `tl.minimum`, `tl.exp2` to `tl.exp`, or `tl.where`'s branches. It is written into a private copy
-of the repository and the test selection runs there (`pytest -x`; without CUDA, the interpreter,
+of the repository and the test selection runs there (`pytest -x`, under the interpreter even on a machine with a GPU,
 as in CI). A mutant is killed when a test fails or the run crashes, and survives when the
 selection passes. A survivor is a hole in the tests or an equivalent mutant (one that computes the
 same function, e.g. a bound that a mask already enforces); the report lists each with its line
@@ -127,7 +127,10 @@ def run_one(repo: str, relpath: str, source: str, site: dict, tests: list, timeo
     try:
         proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
                                *tests], cwd=repo, env=env, capture_output=True, text=True, timeout=timeout)
-        outcome = "survived" if proc.returncode == 0 else "killed" if proc.returncode == 1 else f"error rc={proc.returncode}"
+        # pytest: 0 passed, 1 a test failed, 5 no test ran; a signal (< 0): the run crashed, which a
+        # CI run reports as a failure too (the interpreter aborts on some wild addresses).
+        rc = proc.returncode
+        outcome = {0: "survived", 1: "killed", 5: "no tests ran"}.get(rc, "crashed" if rc < 0 else f"error rc={rc}")
         tail = proc.stdout.strip().splitlines()[-1:] if proc.stdout.strip() else []
     except subprocess.TimeoutExpired:
         outcome, tail = "timeout", []

@@ -490,7 +490,7 @@ def test_host_path_benchmark_reaches_the_launch_stub(device):
     threads = torch.get_num_threads()
     result = bench_host.measure(calls=40)
     assert torch.get_num_threads() == threads
-    for name in ("fwd_us", "fwd_bwd_us", "floor_fwd_us", "floor_fwd_bwd_us", "fwd_bwd_chain_us",
+    for name in ("fwd_us", "fwd_bwd_us", "floor_fwd_us", "floor_fwd_bwd_us", "native_fwd_bwd_us", "fwd_bwd_chain_us",
                  "floor_fwd_bwd_chain_us", "layer_fwd_us", "layer_fwd_bwd_us", "proj_fwd_us", "proj_fwd_bwd_us"):
         assert 0 < result[name] < 1e6, (name, result)
     assert result["stubbed"] and result["shape"] == [1, 7, 7, 8, 64]
@@ -502,7 +502,7 @@ def test_gpu_host_path_benchmark_launches_the_kernels():
     from sasa_triton import bench_host
 
     result = bench_host.measure(calls=40, device="cuda", stub=False, dtype_name="bfloat16")
-    for name in ("fwd_us", "fwd_bwd_us", "floor_fwd_us", "floor_fwd_bwd_us", "fwd_bwd_chain_us",
+    for name in ("fwd_us", "fwd_bwd_us", "floor_fwd_us", "floor_fwd_bwd_us", "native_fwd_bwd_us", "fwd_bwd_chain_us",
                  "floor_fwd_bwd_chain_us", "layer_fwd_us", "layer_fwd_bwd_us", "proj_fwd_us", "proj_fwd_bwd_us"):
         assert 0 < result[name] < 1e6, (name, result)
 
