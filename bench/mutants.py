@@ -9,10 +9,10 @@ comparison's strictness or sense, `and`/`or`, an integer constant by one, `tl.ma
 `tl.minimum`, `tl.exp2` to `tl.exp`, or `tl.where`'s branches. It is written into a private copy
 of the repository and the test selection runs there (`pytest -x`, under the interpreter as in
 CI, on a machine with a GPU too). A mutant is killed when a test fails or the run crashes, and
-survives when the selection passes. A survivor is a hole in the tests or an equivalent mutant (one that computes the
-same function, e.g. a bound that a mask already enforces); the report lists each with its line
-for a person to tell which. This is not a check of the package: its figures go into
-bench/RESULTS.md, and a hole it finds becomes a test.
+survives when the selection passes. A survivor is a hole in the tests or an equivalent mutant
+(one that computes the same function, e.g. a bound that a mask already enforces); the report
+lists each with its line for a person to tell which. This is not a check of the package: its
+figures go into bench/RESULTS.md, and a hole it finds becomes a test.
 """
 from __future__ import annotations
 
