@@ -532,21 +532,22 @@ def _bench_script(name):
                                   "sasa_triton/ops/attention_stem.py"])
 def test_mutation_script_writes_each_mutant_as_one_change(path):
     """bench/mutants.py: a mutant of a kernel file (40 drawn of each file's hundreds) is Python
-    and differs from the file from the expression it names on only."""
+    with another syntax tree than the file's, and every line outside the expression it names is
+    the file's."""
     import ast
     import random
     mutants = _bench_script("mutants")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     with open(os.path.join(root, path)) as f:
         source = f.read()
+    tree, lines = ast.dump(ast.parse(source)), source.splitlines(keepends=True)
     found = mutants.sites(source)
     assert len(found) > 100
     for site in random.Random(0).sample(found, 40):
         mutated = mutants.apply(source, site)
-        ast.parse(mutated)
-        start = sum(len(line) for line in source.splitlines(keepends=True)[:site["line"] - 1])
-        assert mutated[:start] == source[:start]
-        assert mutated != source and mutated.endswith(source[len(source) - len(source.splitlines(keepends=True)[-1]):])
+        assert ast.dump(ast.parse(mutated)) != tree, site
+        before, after = "".join(lines[:site["line"] - 1]), "".join(lines[site["end_line"]:])
+        assert mutated.startswith(before) and mutated.endswith(after), site
 
 
 def test_mutation_script_kills_a_wrong_kernel(tmp_path):
