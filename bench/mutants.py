@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import ast
 import concurrent.futures
+import copy
 import os
 import random
 import shutil
@@ -40,13 +41,8 @@ def _is_jit(fn: ast.FunctionDef) -> bool:
     return any(ast.unparse(d).endswith("jit") for d in fn.decorator_list)
 
 
-def _constexpr_params(fn: ast.FunctionDef) -> set:
-    return {a.arg for a in fn.args.args if a.annotation is not None and "constexpr" in ast.unparse(a.annotation)}
-
-
 def _mutations(node: ast.AST):
     """(description, mutated copy of node) for each single change of this node."""
-    import copy
     if isinstance(node, ast.BinOp) and type(node.op) in SWAP_BINOP:
         new = copy.deepcopy(node)
         new.op = SWAP_BINOP[type(node.op)]()

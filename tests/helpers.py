@@ -90,8 +90,13 @@ def assert_close_to_reference(actual: torch.Tensor, expected64: torch.Tensor, ex
             f"{name}: {int((excess > 0).sum())} of {err.numel()} elements beyond {factor:g} x the {dtype} "
             f"reference's error + {atol_units:g} u (rms + |y|) (u = {u:.2e}, rms {scale:.3g}); worst at {idx}: got "
             f"{actual[idx].item():.6g}, float64 {ref[idx].item():.6g}, {dtype} reference {lowp[idx].item():.6g}")
+    _assert_rms_error_within(err, base, u * scale, factor, rms_atol_units, dtype, name)
+
+
+def _assert_rms_error_within(err, base, unit, factor, rms_atol_units, dtype, name) -> None:
+    """rms(err) <= factor * rms(base) + rms_atol_units * unit (unit: u x rms of the reference)."""
     rms_err, rms_base = err.pow(2).mean().sqrt().item(), base.pow(2).mean().sqrt().item()
-    limit = factor * rms_base + rms_atol_units * u * scale
+    limit = factor * rms_base + rms_atol_units * unit
     assert rms_err <= limit, (
         f"{name}: RMS error {rms_err:.3e} > {factor:g} x the {dtype} reference's {rms_base:.3e} "
         f"+ {rms_atol_units:g} u rms = {limit:.3e}; worst element at {_worst(err)}")
@@ -116,10 +121,7 @@ def assert_max_error_within(actual: torch.Tensor, expected64: torch.Tensor, expe
     assert err.max().item() <= limit, (
         f"{name}: largest error {err.max().item():.3e} > {factor:g} x the {dtype} reference's largest "
         f"{base.max().item():.3e} + {atol_units:g} u rms = {limit:.3e}; worst at {_worst(err)}")
-    limit = factor * base.pow(2).mean().sqrt().item() + rms_atol_units * u * scale
-    rms_err = err.pow(2).mean().sqrt().item()
-    assert rms_err <= limit, (f"{name}: RMS error {rms_err:.3e} > {factor:g} x the {dtype} reference's "
-                              f"+ {rms_atol_units:g} u rms = {limit:.3e}")
+    _assert_rms_error_within(err, base, u * scale, factor, rms_atol_units, dtype, name)
 
 
 def results_in_dtype(fn, leaves64, dy64: torch.Tensor, dtype: torch.dtype, device="cpu") -> tuple:
@@ -172,6 +174,18 @@ def assert_module_under_autocast_matches_float64(module, shape, dtype: torch.dty
     for name, g, e, r in zip(names, grads, exact_grads, lowp_grads):
         assert g.dtype == r.dtype, name
         assert_close_everywhere(g, e, r, dtype, name)
+
+
+def load_bench_script(name: str):
+    """bench/<name>.py as a module (the bench folder is not a package)."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def zero_in_exact_arithmetic(expected64: torch.Tensor, scale: float) -> bool:

@@ -3,7 +3,6 @@ nothing tuned in the user's process), the tuned-file cache, the validation of ca
 tuner's child processes (a wrong candidate is rejected, a dying child costs only its candidate),
 and `python -m sasa_triton.autotune` and bench/sweep_candidates.py under the interpreter.
 """
-import importlib.util
 import json
 import inspect
 import os
@@ -16,6 +15,8 @@ import torch
 
 from sasa_triton import autotune, tuning
 from sasa_triton.autotune import LocalProblem, Task
+
+from helpers import load_bench_script
 
 KERNELS = ("local_fwd", "local_bwd_dq", "local_bwd_dkdv")
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -451,11 +452,7 @@ def test_cli_dry_run_lists_the_keys(capsys):
 
 
 def load_sweep():
-    spec = importlib.util.spec_from_file_location("sweep_candidates", os.path.join(REPO, "bench",
-                                                                                    "sweep_candidates.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("sweep_candidates")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's tiny keys")

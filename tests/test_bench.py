@@ -14,6 +14,8 @@ from sasa_triton._bench_flex import flex_available, flex_local_attention2d
 from sasa_triton._bench_plot import find_results, load_csv, plot_models, plot_roofline, roofs
 from sasa_triton.reference import local_attention2d as reference_op
 
+from helpers import load_bench_script
+
 HAS_CUDA = torch.cuda.is_available()
 
 
@@ -519,15 +521,6 @@ def test_fuzz_script_runs_its_cases():
     assert "local " in proc.stdout and "spatial " in proc.stdout
 
 
-def _bench_script(name):
-    import importlib.util
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(root, "bench", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("path", ["sasa_triton/ops/local_attention.py", "sasa_triton/ops/spatial_attention.py",
                                   "sasa_triton/ops/attention_stem.py"])
 def test_mutation_script_writes_each_mutant_as_one_change(path):
@@ -536,7 +529,7 @@ def test_mutation_script_writes_each_mutant_as_one_change(path):
     the file's."""
     import ast
     import random
-    mutants = _bench_script("mutants")
+    mutants = load_bench_script("mutants")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     with open(os.path.join(root, path)) as f:
         source = f.read()
@@ -553,7 +546,7 @@ def test_mutation_script_writes_each_mutant_as_one_change(path):
 def test_mutation_script_kills_a_wrong_kernel(tmp_path):
     """One mutant of the forward kernel's addressing, run through bench/mutants.py against one
     test, is killed, and the private copy gets the kernel file back unchanged."""
-    mutants = _bench_script("mutants")
+    mutants = load_bench_script("mutants")
     path = "sasa_triton/ops/local_attention.py"
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     with open(os.path.join(root, path)) as f:
